@@ -1,0 +1,17 @@
+// Every sp_kernels operator schema, in one place. Backends register implementations elsewhere
+// (csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(sp_kernels, CPU, m), csrc/cuda/*.cu with CUDA), so adding
+// an op means: a schema here, a kernel per backend, and a Python face in sp_kernels/ops/.
+#include <torch/library.h>
+
+#include "sp_kernels/build_info.h"
+
+TORCH_LIBRARY(sp_kernels, m) {
+  // set_python_module names the module that registers the op's fake (meta) and autograd impls, so
+  // torch imports it on demand when a user calls torch.ops.sp_kernels.* without importing it first.
+  m.set_python_module("sp_kernels.ops.shard_pad");
+  // y = x rows [start, start + length) along dim; rows past x's end are pad_value. New contiguous tensor.
+  m.def("shard_pad(Tensor x, int dim, int start, int length, float pad_value) -> Tensor");
+
+  // No tensor argument, so no dispatch key: a catch-all kernel, answered by every build.
+  m.def("_build_info() -> str", &sp_kernels::build_info_json);
+}

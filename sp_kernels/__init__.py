@@ -1,0 +1,43 @@
+"""sp_kernels: sequence parallelism of attention for PyTorch models (diffusion transformers first).
+
+Public API (a contract, see DESIGN.md section 1): the ``_sp_plan`` types, sharding helpers,
+configuration, apply/remove of the hooks, and ``attention``.
+"""
+
+from __future__ import annotations
+
+from ._ext import build_info
+from .attn import Attention, attention
+from .hooks import apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
+from .parallel_state import SequenceParallelConfig, destroy_sequence_parallel, init_sequence_parallel
+from .sp_plan import (
+    SequenceParallelInput,
+    SequenceParallelOutput,
+    SequenceParallelPartialInput,
+    get_sp_plan_from_model,
+    validate_sp_plan,
+)
+from .sp_sharding import sp_gather, sp_shard, sp_shard_with_padding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attention",
+    "SequenceParallelConfig",
+    "SequenceParallelInput",
+    "SequenceParallelOutput",
+    "SequenceParallelPartialInput",
+    "apply_sequence_parallel",
+    "attention",
+    "build_info",
+    "destroy_sequence_parallel",
+    "get_sp_plan_from_model",
+    "init_sequence_parallel",
+    "is_sequence_parallel",
+    "remove_sequence_parallel",
+    "sp_gather",
+    "sp_shard",
+    "sp_shard_with_padding",
+    "validate_sp_plan",
+]
+

@@ -1,0 +1,115 @@
+"""Cross-rank agreement on an attention call, checked before any collective can hang on it.
+
+Every rank of the SP group contributes one small int64 vector (shapes, dtype, options and its own
+row counts) to ONE all-gather. Fields that must agree are compared on every rank, so a rank that
+passes, say, a different head count makes *all* ranks raise the same ValueError instead of leaving
+the others blocked in an all-to-all. The per-rank row counts come back too: the ring needs them
+for shards of unequal length.
+
+Cost: one all-gather of ~16 int64 per call. On CPU/gloo that is negligible. On NCCL the vector is on
+the GPU and reading it back is a host synchronization per attention call, which drains the launch
+queue. ``SP_KERNELS_CHECK_AGREEMENT=0`` skips the exchange whenever the row counts are known without
+it (a ShardLayout recorded by the hooks / sp_shard, or the equal shards Ulysses requires); calls
+that need the counts (ring or USP without a layout) still exchange, and then check for free.
+Default: ``1`` (check every call) -- safe first; switch it off after a validated run.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import torch
+import torch.distributed as dist
+
+from ..comm import all_gather_small
+from .call import AttentionCall
+
+_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# Names of the fields every rank must agree on, in vector order; the last two are per-rank.
+AGREED = (
+    "batch",
+    "query heads",
+    "key/value heads",
+    "head_dim",
+    "dtype",
+    "causal",
+    "joint length",
+    "joint strategy",
+    "softmax scale",
+    "backend",
+    "layout true_len",
+    "layout local_len",
+    "layout sp_size",
+)
+PER_RANK = ("local rows", "valid rows")
+
+
+def check_enabled() -> bool:
+    return os.environ.get("SP_KERNELS_CHECK_AGREEMENT", "1") != "0"
+
+
+def _code(value: object, table: list) -> int:
+    return table.index(value) if value in table else -1
+
+
+def _scale_bits(scale: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", scale))[0]
+
+
+def _vector(call: AttentionCall, backend_names: list[str]) -> list[int]:
+    q, k = call.query, call.key
+    joint = call.joint
+    layout = call.layout
+    return [
+        q.shape[0],
+        q.shape[2],
+        k.shape[2],
+        q.shape[3],
+        _code(q.dtype, _DTYPES),
+        int(call.causal),
+        joint.length if joint is not None else 0,
+        ("front", "rear").index(joint.strategy) if joint is not None else -1,
+        _scale_bits(call.scale),
+        _code(call.backend, backend_names),
+        layout.true_len if layout is not None else -1,
+        layout.local_len if layout is not None else -1,
+        layout.sp_size if layout is not None else -1,
+        q.shape[1],
+        call.valid_rows(call.state.sp_rank),
+    ]
+
+
+def _show(field: str, value: int) -> str:
+    if field == "dtype":
+        return str(_DTYPES[value]) if 0 <= value < len(_DTYPES) else "unsupported dtype"
+    if field == "softmax scale":
+        return repr(struct.unpack("<d", struct.pack("<q", value))[0])
+    if field == "joint strategy":
+        return {0: "'front'", 1: "'rear'"}.get(value, "no joint tokens")
+    if field.startswith("layout") and value == -1:
+        return "no layout"
+    return str(value)
+
+
+def exchange_rows(
+    call: AttentionCall, group: dist.ProcessGroup | None, backend_names: list[str]
+) -> list[tuple[int, int]]:
+    """All-gather the call metadata over ``group`` (the SP group, in sp_rank order), check the agreed
+    fields, and return every rank's (local rows, valid rows). Raises ValueError on every rank."""
+    rows = all_gather_small(_vector(call, backend_names), group)
+    n = len(AGREED)
+    problems = []
+    for i, field in enumerate(AGREED):
+        values = [r[i] for r in rows]
+        if len(set(values)) > 1:
+            per = ", ".join(f"rank {rank}: {_show(field, v)}" for rank, v in enumerate(values))
+            problems.append(f"{field} ({per})")
+    if problems:
+        raise ValueError(
+            f"attention (backend {call.backend!r}): the ranks of the SP group disagree on "
+            + "; ".join(problems)
+            + ". Every rank must call attention with the same batch, heads, head_dim, dtype, options and "
+            "joint tokens, on shards of the same sequence."
+        )
+    return [(r[n], r[n + 1]) for r in rows]

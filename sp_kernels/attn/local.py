@@ -1,0 +1,411 @@
+"""Local block attention with log-sum-exp, through one adapter over whichever kernel is present.
+
+Contract of every kernel (``block_attention`` enforces the shapes before any kernel runs):
+
+* ``q`` ``[B, Sq, Hq, D]``, ``k``/``v`` ``[B, Sk, Hkv, D]`` (BSHD), ``Hq % Hkv == 0`` (GQA/MQA: query
+  head ``h`` uses KV head ``h // (Hq // Hkv)``), last dim contiguous, other strides arbitrary.
+* Returns ``(out, lse)``: ``out`` ``[B, Sq, Hq, D]`` in the input dtype; ``lse`` ``[B, Hq, Sq]``
+  (BHS: the layout flash-attn and the aten ops produce, so no transpose sits on the hot path) in
+  float32, or float64 when the inputs are float64, natural log, of the *scaled* scores.
+* ``causal=True`` needs ``Sq == Sk`` (the only causal block SP produces is a diagonal one), so the
+  top-left (torch) and bottom-right (flash-attn) conventions coincide.
+
+Candidates in priority order: flash-attn 3 (``flash_attn_interface``), flash-attn 2 (``flash_attn``),
+cuDNN (``aten._scaled_dot_product_cudnn_attention``), torch's flash op, torch's CPU flash op, and a
+chunked math reference that runs on any device. Each says why it declines; when none accepts, the
+error lists every reason.
+
+NOT RUN ON A GPU YET: the flash3, flash2, cudnn and torch_flash candidates were written from the
+documented APIs (flash-attn's ``flash_attn_func`` docstrings, the aten schemas of torch 2.14) and
+tested on CPU only: their selection/decline logic with faked availability, and the aten calls on
+``meta`` tensors. Their numerics have not been checked against a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._alloc import new_buffer
+
+Tensor = torch.Tensor
+DeclineFn = Callable[[Tensor, Tensor, Tensor, bool], "str | None"]
+RunFn = Callable[[Tensor, Tensor, Tensor, float, bool], "tuple[Tensor, Tensor]"]
+
+_HALF = (torch.float16, torch.bfloat16)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Score elements one math-reference chunk may hold: 16M fp32 = 64 MiB, so 16k tokens never build S x S.
+MATH_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class BlockKernel:
+    """One candidate: ``decline`` returns a reason string or None (accepts); ``run`` computes."""
+
+    name: str
+    decline: DeclineFn
+    run: RunFn
+
+
+class NoKernelError(ValueError):
+    """No candidate accepts the inputs; ``reasons`` maps kernel name -> why it declined."""
+
+    def __init__(self, what: str, reasons: dict[str, str]):
+        self.reasons = reasons
+        lines = "\n".join(f"  {name}: {why}" for name, why in reasons.items())
+        super().__init__(f"no local attention kernel accepts {what}:\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment probes (module-level functions so CPU tests can fake a GPU or an installed package)
+
+
+def _cuda_capability(t: Tensor) -> tuple[int, int] | None:
+    if t.device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(t.device)
+
+
+_IMPORTS: dict[str, tuple[object | None, str | None]] = {}
+
+
+def _import(module: str, attr: str) -> tuple[object | None, str | None]:
+    """Import ``module.attr`` once; (fn, None) or (None, reason). flash-attn stays optional."""
+    key = f"{module}.{attr}"
+    if key not in _IMPORTS:
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+            _IMPORTS[key] = (fn, None)
+        except Exception as e:  # noqa: BLE001 - a broken wheel (ABI mismatch, missing .so) is "not usable", not fatal
+            _IMPORTS[key] = (None, f"not installed ({type(e).__name__}: {e})")
+    return _IMPORTS[key]
+
+
+def reset_import_cache() -> None:
+    """Forget import results (tests install fake modules; a long-lived process may install flash-attn)."""
+    _IMPORTS.clear()
+
+
+def _accepts_kwarg(fn: object, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _expand_kv(k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    # The aten fused ops are called with equal head counts: whether they broadcast GQA themselves
+    # differs between torch versions and backends, and a copy of K/V is cheap next to attention.
+    rep = heads // k.shape[2]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+
+
+def _bhsd(t: Tensor) -> Tensor:
+    return t.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash-attn 3 (Hopper build, module flash_attn_interface)
+
+
+def _decline_flash3(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
+    fn, why = _import("flash_attn_interface", "flash_attn_func")
+    if fn is None:
+        return why
+    cap = _cuda_capability(q)
+    if cap is None:
+        return f"needs a CUDA tensor, got device {q.device}"
+    if cap[0] != 9:
+        return f"built for Hopper (sm90), device is sm{cap[0]}{cap[1]}"
+    if q.dtype not in _HALF:
+        return f"dtype {q.dtype} not supported (float16/bfloat16)"
+    d = q.shape[-1]
+    if d > 256 or d % 8:
+        return f"head_dim {d} not supported (a multiple of 8, at most 256)"
+    return None
+
+
+def _run_flash3(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    fn, _ = _import("flash_attn_interface", "flash_attn_func")
+    kwargs: dict = {"softmax_scale": scale, "causal": causal}
+    # Newer FA3 returns out alone unless return_attn_probs=True; the 2024 betas always returned (out, lse).
+    if _accepts_kwarg(fn, "return_attn_probs"):
+        kwargs["return_attn_probs"] = True
+    res = fn(q, k, v, **kwargs)  # type: ignore[operator]
+    if not isinstance(res, (tuple, list)) or len(res) < 2:
+        raise RuntimeError("flash_attn_interface.flash_attn_func returned no softmax_lse; this version is not supported")
+    out, lse = res[0], res[1]
+    return out, lse[..., : q.shape[1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# flash-attn 2 (module flash_attn)
+
+
+def _decline_flash2(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
+    fn, why = _import("flash_attn", "flash_attn_func")
+    if fn is None:
+        return why
+    cap = _cuda_capability(q)
+    if cap is None:
+        return f"needs a CUDA tensor, got device {q.device}"
+    if cap < (8, 0):
+        return f"needs sm80 or newer, device is sm{cap[0]}{cap[1]}"
+    if q.dtype not in _HALF:
+        return f"dtype {q.dtype} not supported (float16/bfloat16)"
+    if q.shape[-1] > 256:
+        return f"head_dim {q.shape[-1]} not supported (at most 256)"
+    return None
+
+
+def _run_flash2(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    fn, _ = _import("flash_attn", "flash_attn_func")
+    # return_attn_probs=True returns (out, softmax_lse [B, H, Sq] fp32, S_dmask); S_dmask is only
+    # materialized with dropout > 0, so asking for the LSE costs nothing here.
+    out, lse, _ = fn(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True)  # type: ignore[operator]
+    return out, lse[..., : q.shape[1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's fused GPU ops (called through aten directly: SDPA's public function returns no LSE)
+
+
+def _decline_torch_gpu(q: Tensor, enabled: bool, toggle: str, max_d: int) -> str | None:
+    if not enabled:
+        return f"disabled by torch.backends.cuda.{toggle}(False)"
+    cap = _cuda_capability(q)
+    if cap is None:
+        return f"needs a CUDA tensor, got device {q.device}"
+    if cap < (8, 0):
+        return f"needs sm80 or newer, device is sm{cap[0]}{cap[1]}"
+    if q.dtype not in _HALF:
+        return f"dtype {q.dtype} not supported (float16/bfloat16)"
+    d = q.shape[-1]
+    if d > max_d or d % 8:
+        return f"head_dim {d} not supported (a multiple of 8, at most {max_d})"
+    return None
+
+
+def _decline_cudnn(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
+    if not torch.backends.cudnn.is_available():
+        return "cuDNN is not available in this torch build"
+    # 128 is the head_dim every cuDNN 9 / sm80+ combination supports; larger needs newer cuDNN on Hopper.
+    return _decline_torch_gpu(q, torch.backends.cuda.cudnn_sdp_enabled(), "enable_cudnn_sdp", 128)
+
+
+def _cudnn_op() -> Callable:
+    return torch.ops.aten._scaled_dot_product_cudnn_attention
+
+
+def _run_cudnn(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    B, Sq, H, _ = q.shape
+    k, v = _expand_kv(k, v, H)
+    # cuDNN is picky about strides; BSHD-contiguous (SDPA's usual layout) is what it is tested with.
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    res = _cudnn_op()(_bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, False, scale=scale)
+    # logsumexp is [B, H, Sq, 1] in torch >= 2.5 and [B, H, Sq] before; reshape covers both.
+    return _bhsd(res[0]), res[1].reshape(B, H, Sq)
+
+
+def _decline_torch_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
+    return _decline_torch_gpu(q, torch.backends.cuda.flash_sdp_enabled(), "enable_flash_sdp", 256)
+
+
+def _torch_flash_op() -> Callable:
+    return torch.ops.aten._scaled_dot_product_flash_attention
+
+
+def _run_torch_flash(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    k, v = _expand_kv(k, v, q.shape[2])
+    res = _torch_flash_op()(_bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=scale)
+    return _bhsd(res[0]), res[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's CPU flash op: tiled, fp32 accumulation, GQA and strided inputs handled natively.
+
+
+def _decline_cpu_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
+    if q.device.type != "cpu":
+        return f"CPU only, got device {q.device}"
+    if q.dtype not in _FLOATS:
+        return f"dtype {q.dtype} not supported (float16/bfloat16/float32/float64)"
+    return None
+
+
+def _run_cpu_flash(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale
+    )
+    return _bhsd(out), lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Math reference: any device, fp32 accumulation (fp64 for fp64), chunked over queries.
+
+
+def _decline_math(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
+    if q.dtype not in _FLOATS:
+        return f"dtype {q.dtype} not supported (float16/bfloat16/float32/float64)"
+    return None
+
+
+def _run_math(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # Query heads grouped under their KV head ([B, Hkv, g*rows, D]) make GQA a plain batched matmul.
+    kt = k.permute(0, 2, 3, 1).to(acc)  # [B, Hkv, D, Sk]
+    vh = v.permute(0, 2, 1, 3).to(acc)  # [B, Hkv, Sk, D]
+    out = new_buffer((B, Sq, Hq, D), q.dtype, q.device)
+    lse = new_buffer((B, Hq, Sq), acc, q.device)
+    rows = max(1, min(Sq, MATH_CHUNK_ELEMENTS // max(1, B * Hq * Sk)))
+    # In-place steps save a pass per op; with autograd recording they would clobber saved tensors.
+    inplace = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    for s0 in range(0, Sq, rows):
+        s1 = min(Sq, s0 + rows)
+        c = s1 - s0
+        qc = q[:, s0:s1].reshape(B, c, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * c, D).to(acc)
+        s = (torch.matmul(qc, kt) * scale).view(B, Hkv, g, c, Sk)
+        if causal:
+            qpos = torch.arange(s0, s1, device=q.device).unsqueeze(1)
+            masked = torch.arange(Sk, device=q.device).unsqueeze(0) > qpos
+            s = s.masked_fill_(masked, float("-inf")) if inplace else s.masked_fill(masked, float("-inf"))
+        m = s.amax(dim=-1, keepdim=True)
+        p = s.sub_(m).exp_() if inplace else (s - m).exp()
+        denom = p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p.view(B, Hkv, g * c, Sk), vh).view(B, Hkv, g, c, D) / denom
+        out[:, s0:s1].view(B, c, Hkv, g, D).copy_(o.permute(0, 3, 1, 2, 4))
+        lse[:, :, s0:s1].copy_((m + denom.log()).view(B, Hq, c))
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and dispatcher
+
+_KERNELS: list[BlockKernel] = [
+    BlockKernel("flash3", _decline_flash3, _run_flash3),
+    BlockKernel("flash2", _decline_flash2, _run_flash2),
+    BlockKernel("cudnn", _decline_cudnn, _run_cudnn),
+    BlockKernel("torch_flash", _decline_torch_flash, _run_torch_flash),
+    BlockKernel("cpu_flash", _decline_cpu_flash, _run_cpu_flash),
+    BlockKernel("math", _decline_math, _run_math),
+]
+
+
+def block_kernel_names() -> list[str]:
+    return [kern.name for kern in _KERNELS]
+
+
+def register_block_kernel(kernel: BlockKernel, *, before: str | None = None) -> None:
+    """Add (or replace, by name) a candidate; ``before`` places it ahead of an existing one."""
+    for i, existing in enumerate(_KERNELS):
+        if existing.name == kernel.name:
+            del _KERNELS[i]
+            break
+    if before is None:
+        _KERNELS.append(kernel)
+        return
+    names = block_kernel_names()
+    if before not in names:
+        raise ValueError(f"register_block_kernel(before={before!r}): no kernel of that name; expected one of {names}")
+    _KERNELS.insert(names.index(before), kernel)
+
+
+def _allowed(kernels: Sequence[str] | None) -> list[BlockKernel]:
+    if kernels is None:
+        env = os.environ.get("SP_KERNELS_BLOCK_KERNELS", "").strip()
+        kernels = [s.strip() for s in env.split(",") if s.strip()] if env else None
+    if kernels is None:
+        return list(_KERNELS)
+    unknown = [k for k in kernels if k not in block_kernel_names()]
+    if unknown:
+        raise ValueError(f"unknown block kernel name(s) {unknown}; expected names from {block_kernel_names()}")
+    return [kern for kern in _KERNELS if kern.name in kernels]
+
+
+def _describe(q: Tensor, k: Tensor, causal: bool) -> str:
+    return (
+        f"q {tuple(q.shape)} k/v {tuple(k.shape)} {q.dtype} on {q.device} "
+        f"(head_dim {q.shape[-1]}, causal={causal})"
+    )
+
+
+def select_block_kernel(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, kernels: Sequence[str] | None = None
+) -> BlockKernel:
+    """The first candidate (in priority order, restricted to ``kernels`` or $SP_KERNELS_BLOCK_KERNELS) that accepts."""
+    reasons: dict[str, str] = {}
+    for kern in _allowed(kernels):
+        why = kern.decline(q, k, v, causal)
+        if why is None:
+            return kern
+        reasons[kern.name] = why
+    raise NoKernelError(_describe(q, k, causal), reasons)
+
+
+def _check_block_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"block_attention: {name} must be [B, S, H, D] (4 dims), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"block_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"block_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head_dim"
+        )
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"block_attention: query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(
+            f"block_attention: q/k/v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+            f"{q.device}/{k.device}/{v.device}"
+        )
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"block_attention: causal=True needs Sq == Sk, got {q.shape[1]} and {k.shape[1]}")
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def block_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    kernels: Sequence[str] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(out [B, Sq, Hq, D], lse [B, Hq, Sq])`` of softmax(q k^T * scale) v; see the module docstring."""
+    _check_block_inputs(q, k, v, causal)
+    B, Sq, Hq, D = q.shape
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if Sq == 0 or k.shape[1] == 0:
+        # No keys: the softmax is empty. lse = -inf is the identity of the merge, out = 0 its value.
+        out = torch.zeros((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
+        lse = torch.full((B, Hq, Sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        return out, lse
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    kern = select_block_kernel(q, k, v, causal, kernels)
+    out, lse = kern.run(q, k, v, scale, causal)
+    return out, lse.to(lse_dtype(q.dtype))

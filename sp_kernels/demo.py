@@ -1,0 +1,264 @@
+"""``python -m sp_kernels.demo``: run the small DiT under every SP backend and compare with one process.
+
+For each backend (ulysses, ring, usp when the world size factors, auto) and each shape (one of
+them with a token count no SP size divides), the model runs on N ranks with
+``apply_sequence_parallel`` and the same model runs on one process. The table reports the largest
+|SP - single| difference and the time per forward. Ranks are local processes: gloo on CPU, or NCCL
+when there are at least N GPUs (one GPU per rank).
+
+Tolerance of --check: float32 1e-4 and float64 1e-9 absolute; float16/bfloat16 compare both runs
+with a float64 run of the same model: the SP error may be at most 4x the single-process error
+(rounding differs between the two, so a fixed absolute bound would be either loose or flaky).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from .launch import RankPool
+from .models.dit import DiT, DiTConfig
+
+TOKEN_SHAPES = "tokens"
+ABS_TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+LOW_PRECISION_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A latent (channels-first video) shape, or a token count when ``tokens`` is set."""
+
+    batch: int
+    frames: int = 0
+    height: int = 0
+    width: int = 0
+    tokens: int = 0
+
+    def label(self, cfg: DiTConfig) -> str:
+        if self.tokens:
+            return f"B{self.batch} tok{self.tokens}"
+        return f"B{self.batch} {self.frames}x{self.height}x{self.width}"
+
+    def num_tokens(self, cfg: DiTConfig) -> int:
+        if self.tokens:
+            return self.tokens
+        pt, ph, pw = cfg.patch_size
+        return (self.frames // pt) * (self.height // ph) * (self.width // pw)
+
+
+def build_model(cfg: DiTConfig, seed: int, dtype: torch.dtype, device: torch.device) -> DiT:
+    torch.manual_seed(seed)
+    return DiT(cfg).to(device=device, dtype=dtype).eval()
+
+
+def make_inputs(shape: Shape, cfg: DiTConfig, seed: int, dtype: torch.dtype, device: torch.device):
+    gen = torch.Generator().manual_seed(seed + 1)
+    if shape.tokens:
+        latent = torch.randn(shape.batch, shape.tokens, cfg.in_channels, generator=gen)
+    else:
+        latent = torch.randn(shape.batch, cfg.in_channels, shape.frames, shape.height, shape.width, generator=gen)
+    timestep = torch.rand(shape.batch, generator=gen) * 1000
+    text = torch.randn(shape.batch, 8, cfg.text_dim, generator=gen)
+    return latent.to(device, dtype), timestep.to(device), text.to(device, dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_forward(model: DiT, inputs: tuple, iters: int, device: torch.device, barrier: bool) -> tuple[torch.Tensor, float]:
+    """(output, median milliseconds per forward after one warm-up)."""
+    with torch.inference_mode():
+        out = model(*inputs)
+        times = []
+        for _ in range(iters):
+            if barrier:
+                dist.barrier()
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(*inputs)
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return out, sorted(times)[len(times) // 2]
+
+
+def run_on_rank(spec: dict) -> dict:
+    """One (backend, degrees, shape) run on this rank; rank 0 returns the gathered output."""
+    from . import apply_sequence_parallel, remove_sequence_parallel
+    from .parallel_state import SequenceParallelConfig
+
+    cfg = DiTConfig(**spec["model"])
+    dtype = getattr(torch, spec["dtype"])
+    if spec["device"] == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    model = build_model(cfg, spec["seed"], dtype, device)
+    u, r = spec["degrees"]
+    config = SequenceParallelConfig(ulysses_degree=u, ring_degree=r, attention_backend=spec["backend"])
+    apply_sequence_parallel(model, config)
+    try:
+        inputs = make_inputs(Shape(**spec["shape"]), cfg, spec["seed"], dtype, device)
+        out, ms = timed_forward(model, inputs, spec["iters"], device, barrier=True)
+    finally:
+        remove_sequence_parallel(model)
+    return {"out": out.cpu() if dist.get_rank() == 0 else None, "ms": ms, "resolved": config.resolved_backend()}
+
+
+def _rank_fn():
+    # Under `python -m` this module is __main__; ranks must import the function by its package name.
+    if __name__ == "__main__":
+        import importlib
+
+        return importlib.import_module("sp_kernels.demo").run_on_rank
+    return run_on_rank
+
+
+def backend_plan(world: int, backends: list[str]) -> list[tuple[str, tuple[int, int]]]:
+    """(backend, (ulysses_degree, ring_degree)) rows for a world size."""
+    usp = [(d, world // d) for d in range(2, world) if world % d == 0 and d >= world // d]
+    rows = []
+    for b in backends:
+        if b == "ulysses":
+            rows.append((b, (world, 1)))
+        elif b == "ring":
+            rows.append((b, (1, world)))
+        elif b == "usp":
+            if usp:
+                rows.append((b, usp[0]))
+        elif b == "auto":
+            rows.append((b, usp[0] if usp else (world, 1)))
+        else:
+            raise ValueError(f"unknown backend {b!r}; expected ulysses, ring, usp or auto")
+    return rows
+
+
+def _shapes(args: argparse.Namespace, world: int) -> list[Shape]:
+    if args.seq_len:
+        return [Shape(batch=args.batch, tokens=n) for n in args.seq_len]
+    if args.frames or args.height or args.width:
+        return [Shape(batch=args.batch, frames=args.frames or 1, height=args.height or 16, width=args.width or 16)]
+    # The second latent gives 3*5*7 = 105 tokens and the token shape 257: no SP size above 1 divides them.
+    return [
+        Shape(batch=args.batch, frames=2, height=16, width=16),
+        Shape(batch=args.batch, frames=3, height=10, width=14),
+        Shape(batch=args.batch, tokens=257),
+    ]
+
+
+def _tolerance(dtype: torch.dtype, single_err64: float | None) -> float:
+    if dtype in ABS_TOL:
+        return ABS_TOL[dtype]
+    assert single_err64 is not None
+    return LOW_PRECISION_FACTOR * single_err64
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sp_kernels.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--backend", choices=["all", "ulysses", "ring", "usp", "auto"], default="all")
+    p.add_argument("--seq-len", type=int, action="append", help="token-sequence input of this length (repeatable)")
+    p.add_argument("--frames", type=int, default=0)
+    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--width", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--check", action="store_true", help="exit 1 if any error exceeds the dtype's tolerance")
+    args = p.parse_args(argv)
+
+    world = args.world_size
+    use_cuda = args.device == "cuda" or (
+        args.device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() >= world
+    )
+    if use_cuda and torch.cuda.device_count() < world:
+        p.error(f"--device cuda needs {world} GPUs (one per rank: NCCL refuses two ranks on one GPU), found "
+                f"{torch.cuda.device_count()}")
+    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    dtype = getattr(torch, args.dtype)
+    cfg = DiTConfig(num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, num_layers=args.layers)
+    backends = ["ulysses", "ring", "usp", "auto"] if args.backend == "all" else [args.backend]
+    rows = backend_plan(world, backends)
+    shapes = _shapes(args, world)
+    if not rows:
+        p.error(f"backend {args.backend!r} does not fit world size {world} (usp needs a world size with two factors > 1)")
+
+    print(f"sp_kernels demo: DiT {asdict(cfg)}", flush=True)
+    print(f"world size {world} ({'NCCL on GPUs' if use_cuda else 'gloo on CPU, 1 thread per rank'}), "
+          f"dtype {args.dtype}, single-process runs use {torch.get_num_threads()} thread(s)", flush=True)
+
+    # Single-process references first (and float64 ones for the low-precision tolerance).
+    singles = {}
+    for shape in shapes:
+        model = build_model(cfg, args.seed, dtype, device)
+        inputs = make_inputs(shape, cfg, args.seed, dtype, device)
+        out, ms = timed_forward(model, inputs, args.iters, device, barrier=False)
+        err64 = None
+        if dtype not in ABS_TOL:
+            model64 = build_model(cfg, args.seed, torch.float64, device)
+            with torch.inference_mode():
+                ref64 = model64(*make_inputs(shape, cfg, args.seed, torch.float64, device)).cpu()
+            err64 = (out.cpu().double() - ref64).abs().max().item()
+            singles[shape] = (out.cpu(), ms, err64, ref64)
+        else:
+            singles[shape] = (out.cpu(), ms, None, None)
+
+    results = []
+    total = len(rows) * len(shapes)
+    with RankPool(world, backend="nccl" if use_cuda else "gloo", timeout=600.0) as pool:
+        i = 0
+        for backend, degrees in rows:
+            for shape in shapes:
+                i += 1
+                label = shape.label(cfg)
+                print(f"[{i}/{total}] {backend} U{degrees[0]}xR{degrees[1]} {label} ({shape.num_tokens(cfg)} tokens) ...",
+                      flush=True)
+                spec = {"model": asdict(cfg), "dtype": args.dtype, "device": "cuda" if use_cuda else "cpu",
+                        "seed": args.seed, "backend": backend, "degrees": degrees, "shape": asdict(shape),
+                        "iters": args.iters}
+                res = pool.run(_rank_fn(), spec)
+                single, single_ms, err64, ref64 = singles[shape]
+                sp_out = res[0]["out"]
+                err = (sp_out.double() - single.double()).abs().max().item()
+                tol = _tolerance(dtype, err64)
+                measured = err if ref64 is None else (sp_out.double() - ref64).abs().max().item()
+                ok = math.isfinite(measured) and measured <= tol
+                ms = max(r["ms"] for r in res)
+                results.append((backend, res[0]["resolved"], degrees, label, shape.num_tokens(cfg), err, measured, tol,
+                                ms, single_ms, ok))
+                print(f"    max |SP - single| = {err:.3g}, {ms:.1f} ms/forward ({'ok' if ok else 'FAIL'})", flush=True)
+
+    print()
+    head = f"{'backend':<16}{'world':>6}  {'shape':<18}{'tokens':>7}  {'dtype':<9}{'max|SP-single|':>15}"
+    head += f"{'checked err':>13}{'tolerance':>11}{'SP ms':>9}{'1-proc ms':>11}  status"
+    print(head)
+    print("-" * len(head))
+    for backend, resolved, (u, r), label, tokens, err, measured, tol, ms, single_ms, ok in results:
+        name = backend if backend == resolved else f"{backend}->{resolved}"
+        print(f"{name:<16}{u * r:>6}  {label:<18}{tokens:>7}  {args.dtype:<9}{err:>15.3g}{measured:>13.3g}{tol:>11.3g}"
+              f"{ms:>9.1f}{single_ms:>11.1f}  {'ok' if ok else 'FAIL'}")
+    if dtype not in ABS_TOL:
+        print(f"\n{args.dtype}: 'checked err' is |SP - float64 model|, allowed up to {LOW_PRECISION_FACTOR:g}x the "
+              "single-process |single - float64 model|.")
+    failed = [r for r in results if not r[-1]]
+    if args.check and failed:
+        print(f"\n{len(failed)} run(s) exceed the tolerance", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

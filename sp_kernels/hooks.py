@@ -1,0 +1,438 @@
+"""Split/gather hooks that apply an ``_sp_plan`` to a model without touching its ``forward()``.
+
+``apply_sequence_parallel`` resolves and checks the whole plan first, then registers torch module
+hooks; nothing is registered when anything is wrong, and ``remove_sequence_parallel`` removes
+exactly the handles it registered. A root hook gives every forward its own SPContext (the sharded
+region and the recorded layouts), reset even when the forward raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+from .context import _CURRENT_CTX, SPContext
+from .parallel_state import SequenceParallelConfig, SPState, get_sp_state, init_sequence_parallel
+from .sp_plan import SequenceParallelOutput, SequenceParallelPartialInput, validate_sp_plan
+from .sp_sharding import gather_and_trim, shard_and_record
+
+logger = logging.getLogger("sp_kernels")
+
+_APPLIED_ATTR = "_sp_kernels_applied"
+
+
+@dataclass(eq=False)
+class _Applied:
+    state: SPState
+    plan: dict
+    handles: list[RemovableHandle] = field(default_factory=list)
+    warned: set = field(default_factory=set)
+    default_ctx: SPContext | None = None
+    # ContextVar tokens of the forwards in flight (re-entrant calls nest).
+    tokens: list = field(default_factory=list)
+
+    def context(self) -> SPContext:
+        """The running forward's context when it belongs to this state, else this model's own."""
+        ctx = _CURRENT_CTX.get()
+        if ctx is not None and ctx.state is self.state:
+            return ctx
+        if self.default_ctx is None:
+            self.default_ctx = SPContext(state=self.state)
+        return self.default_ctx
+
+    def dims_mismatch(self, key: str, name: Any, expected: int, got: torch.Tensor, action: str) -> None:
+        msg = (
+            f"_sp_plan[{key!r}][{name!r}]: expected a tensor with {expected} dims, got {got.dim()} dims "
+            f"(shape {tuple(got.shape)})"
+        )
+        if self.state.config.strict_dims:
+            raise ValueError(msg + " and SequenceParallelConfig(strict_dims=True) is set")
+        tag = (key, name, expected, got.dim())
+        if tag not in self.warned:
+            self.warned.add(tag)
+            logger.warning("%s; %s skipped (warned once)", msg, action)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan key resolution
+
+
+def _resolve_key(model: nn.Module, key: str) -> list[nn.Module]:
+    if key == "":
+        return [model]
+    modules = [model]
+    path = "<root>"
+    for atom in key.split("."):
+        nxt: list[nn.Module] = []
+        for m in modules:
+            if atom == "*":
+                if not isinstance(m, nn.ModuleList):
+                    raise ValueError(
+                        f"_sp_plan key {key!r}: '*' needs a ModuleList, but {path} is a {type(m).__name__}"
+                    )
+                nxt.extend(m)
+                continue
+            child = m._modules.get(atom) if atom in m._modules else getattr(m, atom, None)
+            if not isinstance(child, nn.Module):
+                children = list(m._modules)
+                shown = children if len(children) <= 12 else children[:12] + ["..."]
+                raise ValueError(
+                    f"_sp_plan key {key!r}: {path} ({type(m).__name__}) has no submodule {atom!r}; "
+                    f"its submodules are {shown}"
+                )
+            nxt.append(child)
+        modules = nxt
+        path = f"{path}.{atom}" if path != "<root>" else atom
+    if not modules:
+        raise ValueError(f"_sp_plan key {key!r} matches no module (the ModuleList under '*' is empty)")
+    return modules
+
+
+class _Signature:
+    """Where a named forward parameter sits: in kwargs, or at a position in args."""
+
+    def __init__(self, module: nn.Module) -> None:
+        sig = inspect.signature(module.forward)
+        self.positions: dict[str, int] = {}
+        self.names: list[str] = []
+        self.var_kwargs = False
+        for i, (name, p) in enumerate(sig.parameters.items()):
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                self.positions[name] = i
+            if p.kind == p.VAR_KEYWORD:
+                self.var_kwargs = True
+            elif p.kind != p.VAR_POSITIONAL:
+                self.names.append(name)
+
+    def knows(self, name: str) -> bool:
+        return name in self.names or self.var_kwargs
+
+    def get(self, name: str, args: tuple, kwargs: dict) -> tuple[Any, str | int | None]:
+        """(value, where): where is the kwarg name, the arg index, or None if not passed."""
+        if name in kwargs:
+            return kwargs[name], name
+        pos = self.positions.get(name)
+        if pos is not None and pos < len(args):
+            return args[pos], pos
+        return None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Output containers: tensor, tuple/list, dict/ModelOutput, dataclass
+
+
+def _output_items(output: Any) -> list[Any]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return list(output)
+    if isinstance(output, dict):
+        # ModelOutput indexes its non-None fields; do the same for plain dicts.
+        return [v for v in output.values() if v is not None]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return [getattr(output, f.name) for f in dataclasses.fields(output) if getattr(output, f.name) is not None]
+    return [output]
+
+
+def _rebuild_output(output: Any, items: list[Any]) -> Any:
+    if isinstance(output, torch.Tensor):
+        return items[0]
+    if isinstance(output, tuple):
+        return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
+    if isinstance(output, list):
+        return type(output)(items)
+    if isinstance(output, dict):
+        keys = [k for k, v in output.items() if v is not None]
+        for k, v in zip(keys, items):
+            output[k] = v
+        return output
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        names = [f.name for f in dataclasses.fields(output) if getattr(output, f.name) is not None]
+        for n, v in zip(names, items):
+            setattr(output, n, v)
+        return output
+    return items[0]
+
+
+def _describe(output: Any) -> str:
+    n = len(_output_items(output))
+    return f"{type(output).__name__} with {n} item(s)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Split and gather
+
+
+def _split_tensor(
+    applied: _Applied, key: str, name: Any, spec: Any, x: Any, text_len: int = 0
+) -> Any:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(
+            f"_sp_plan[{key!r}][{name!r}]: expected a tensor to split, got {type(x).__name__}"
+        )
+    if spec.expected_dims is not None and x.dim() != spec.expected_dims:
+        applied.dims_mismatch(key, name, spec.expected_dims, x, "split")
+        return x
+    if not -x.dim() <= spec.split_dim < x.dim():
+        raise ValueError(
+            f"_sp_plan[{key!r}][{name!r}]: split_dim={spec.split_dim} is out of range for shape {tuple(x.shape)}"
+        )
+    dim = spec.split_dim % x.dim()
+    state = applied.state
+    size = state.sp_size
+    length = x.size(dim)
+    if text_len > length:
+        raise ValueError(
+            f"_sp_plan[{key!r}][{name!r}]: the replicated prefix ({text_len} rows) is longer than dim {dim} "
+            f"of shape {tuple(x.shape)}"
+        )
+    body = length - text_len
+    if body % size != 0 and not spec.auto_pad:
+        raise ValueError(
+            f"_sp_plan[{key!r}][{name!r}]: length {body} of dim {dim} (shape {tuple(x.shape)}) is not divisible "
+            f"by the sequence-parallel size {size}; set auto_pad=True in its SequenceParallelInput to pad it "
+            "(attention then excludes the padding exactly)"
+        )
+    if size == 1:
+        return x
+    return shard_and_record(x, dim, applied.context(), size, state.sp_rank, text_len)
+
+
+def _gather_tensor(applied: _Applied, key: str, index: int, spec: SequenceParallelOutput, x: Any) -> Any:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"_sp_plan[{key!r}] output {index}: expected a tensor to gather, got {type(x).__name__}")
+    if spec.expected_dims is not None and x.dim() != spec.expected_dims:
+        applied.dims_mismatch(key, f"output {index}", spec.expected_dims, x, "gather")
+        return x
+    if not -x.dim() <= spec.gather_dim < x.dim():
+        raise ValueError(
+            f"_sp_plan[{key!r}] output {index}: gather_dim={spec.gather_dim} is out of range for shape "
+            f"{tuple(x.shape)}"
+        )
+    state = applied.state
+    if state.sp_size == 1:
+        return x
+    ctx = applied.context()
+    if not ctx.sharded:
+        # Gathering a replicated tensor would repeat it sp_size times: a silent wrong answer.
+        raise RuntimeError(
+            f"_sp_plan[{key!r}] output {index}: gather requested but the sequence is not sharded in this forward "
+            "(no split ran before it, or every split was skipped by expected_dims); check the plan's split keys"
+        )
+    return gather_and_trim(x, spec.gather_dim % x.dim(), ctx, state.sp_group, state.sp_size, state.sp_rank)
+
+
+def _text_len(key: str, name: Any, spec: SequenceParallelPartialInput, sig: _Signature, args, kwargs) -> int:
+    src = spec.text_len_source
+    if isinstance(src, int):
+        return src
+    value, where = sig.get(src, args, kwargs)
+    if where is None or value is None:
+        raise ValueError(
+            f"_sp_plan[{key!r}][{name!r}]: text_len_source {src!r} was not passed to forward, so the replicated "
+            "prefix length is unknown"
+        )
+    if isinstance(value, torch.Tensor):
+        return value.size(1) if value.dim() >= 2 else value.size(0)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(
+        f"_sp_plan[{key!r}][{name!r}]: text_len_source {src!r} is a {type(value).__name__}; expected a tensor "
+        "(its dim 1 is the prefix length) or an int"
+    )
+
+
+def _make_split_pre_hook(applied: _Applied, key: str, specs: dict, sig: _Signature) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        args = list(args)
+        for name, spec in specs.items():
+            value, where = sig.get(name, args, kwargs)
+            if where is None or value is None:
+                continue
+            prefix = _text_len(key, name, spec, sig, args, kwargs) if isinstance(
+                spec, SequenceParallelPartialInput) else 0
+            value = _split_tensor(applied, key, name, spec, value, prefix)
+            if isinstance(where, str):
+                kwargs[where] = value
+            else:
+                args[where] = value
+        return tuple(args), kwargs
+
+    return hook
+
+
+def _make_split_output_hook(applied: _Applied, key: str, specs: dict, sig: _Signature) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        items = _output_items(output)
+        for index, spec in specs.items():
+            if index >= len(items):
+                raise ValueError(
+                    f"_sp_plan[{key!r}][{index}]: output index out of range; the module returned "
+                    f"{_describe(output)}"
+                )
+            prefix = _text_len(key, index, spec, sig, args, kwargs) if isinstance(
+                spec, SequenceParallelPartialInput) else 0
+            if items[index] is not None:
+                items[index] = _split_tensor(applied, key, index, spec, items[index], prefix)
+        return _rebuild_output(output, items)
+
+    return hook
+
+
+def _make_gather_hook(applied: _Applied, key: str, specs: list) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        items = _output_items(output)
+        if len(specs) > 1 and len(specs) != len(items):
+            raise ValueError(
+                f"_sp_plan[{key!r}] lists {len(specs)} outputs to gather, but the module returned {_describe(output)}"
+            )
+        for i, spec in enumerate(specs):
+            if spec is not None and items[i] is not None:
+                items[i] = _gather_tensor(applied, key, i, spec, items[i])
+        if applied.state.sp_size > 1 and any(s is not None for s in specs):
+            applied.context().sharded = False
+        return _rebuild_output(output, items)
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------------------
+# apply / remove
+
+
+def _default_config() -> SequenceParallelConfig:
+    state = get_sp_state()
+    if state is not None:
+        return state.config
+    if dist.is_available() and dist.is_initialized():
+        return SequenceParallelConfig(ulysses_degree=dist.get_world_size())
+    return SequenceParallelConfig()
+
+
+def apply_sequence_parallel(
+    model: nn.Module, config: SequenceParallelConfig | None = None, plan: dict | None = None
+) -> nn.Module:
+    """Register the split/gather hooks of ``plan`` (default: ``model._sp_plan``) on ``model``.
+
+    ``config`` defaults to the current SP state's config, else Ulysses over the whole world.
+    Collective when it has to build process groups: call it on every rank. Raises (and leaves the
+    model untouched) on an invalid plan, unknown module key or parameter, degrees that do not fit
+    the world, or when SP is already applied.
+    """
+    cls = type(model).__name__
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_sequence_parallel expects an nn.Module, got {cls}")
+    if getattr(model, _APPLIED_ATTR, None) is not None:
+        raise RuntimeError(
+            f"sequence parallelism is already applied to this {cls}; call remove_sequence_parallel(model) first"
+        )
+    if plan is None:
+        plan = getattr(model, "_sp_plan", None)
+        if plan is None:
+            raise ValueError(f"{cls} has no _sp_plan and no plan was given to apply_sequence_parallel")
+    try:
+        validate_sp_plan(plan)
+    except ValueError as e:
+        raise ValueError(f"{cls}: {e}") from e
+    if config is None:
+        config = _default_config()
+    if not isinstance(config, SequenceParallelConfig):
+        raise TypeError(f"config must be a SequenceParallelConfig, got {type(config).__name__}")
+
+    # Resolve everything before touching the model.
+    resolved: list[tuple[str, nn.Module, Any, _Signature]] = []
+    split_owner: dict[int, str] = {}
+    for key, spec in plan.items():
+        for m in _resolve_key(model, key):
+            sig = _Signature(m)
+            if isinstance(spec, dict):
+                for name, item in spec.items():
+                    if isinstance(name, str) and not sig.knows(name):
+                        raise ValueError(
+                            f"{cls}: _sp_plan[{key!r}] names parameter {name!r}, but "
+                            f"{type(m).__name__}.forward takes {sig.names}"
+                        )
+                    src = getattr(item, "text_len_source", None)
+                    if isinstance(src, str) and not sig.knows(src):
+                        raise ValueError(
+                            f"{cls}: _sp_plan[{key!r}][{name!r}] reads text_len_source {src!r}, but "
+                            f"{type(m).__name__}.forward takes {sig.names}"
+                        )
+                if id(m) in split_owner:
+                    raise ValueError(
+                        f"{cls}: _sp_plan keys {split_owner[id(m)]!r} and {key!r} both split the inputs of the same "
+                        f"{type(m).__name__}; it would be sharded twice"
+                    )
+                split_owner[id(m)] = key
+            resolved.append((key, m, spec, sig))
+
+    state = init_sequence_parallel(config)
+    applied = _Applied(state=state, plan=plan)
+    try:
+        applied.handles.append(model.register_forward_pre_hook(_make_enter_hook(applied), prepend=True))
+        for key, m, spec, sig in resolved:
+            if isinstance(spec, dict):
+                ins = {k: v for k, v in spec.items() if not v.split_output}
+                outs = {k: v for k, v in spec.items() if v.split_output}
+                if ins:
+                    applied.handles.append(
+                        m.register_forward_pre_hook(_make_split_pre_hook(applied, key, ins, sig), with_kwargs=True)
+                    )
+                if outs:
+                    applied.handles.append(
+                        m.register_forward_hook(_make_split_output_hook(applied, key, outs, sig), with_kwargs=True)
+                    )
+            else:
+                specs = [spec] if isinstance(spec, SequenceParallelOutput) else list(spec)
+                applied.handles.append(
+                    m.register_forward_hook(_make_gather_hook(applied, key, specs), with_kwargs=True)
+                )
+        applied.handles.append(model.register_forward_hook(_make_exit_hook(applied), always_call=True))
+    except BaseException:
+        for h in applied.handles:
+            h.remove()
+        raise
+    setattr(model, _APPLIED_ATTR, applied)
+    return model
+
+
+def _make_enter_hook(applied: _Applied) -> Callable:
+    def hook(module: nn.Module, args: tuple):
+        applied.tokens.append(_CURRENT_CTX.set(SPContext(state=applied.state)))
+
+    return hook
+
+
+def _make_exit_hook(applied: _Applied) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: Any):
+        if applied.tokens:
+            _CURRENT_CTX.reset(applied.tokens.pop())
+
+    return hook
+
+
+def remove_sequence_parallel(model: nn.Module) -> nn.Module:
+    """Remove every hook ``apply_sequence_parallel`` registered; the model runs exactly as before."""
+    applied = getattr(model, _APPLIED_ATTR, None)
+    if applied is None:
+        raise ValueError(f"sequence parallelism is not applied to this {type(model).__name__}; nothing to remove")
+    for h in applied.handles:
+        h.remove()
+    for release in applied.state._cache.pop("release_callbacks", []):
+        release()
+    delattr(model, _APPLIED_ATTR)
+    return model
+
+
+def is_sequence_parallel(model: nn.Module) -> bool:
+    return getattr(model, _APPLIED_ATTR, None) is not None
+

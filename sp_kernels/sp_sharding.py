@@ -1,0 +1,199 @@
+"""Shard and gather one tensor across the SP group (used by the hooks and by intrusive code).
+
+Rank ``i`` of P holds rows ``[i*L, (i+1)*L)`` with ``L = ceil(S / P)``; with auto_pad the rows past
+``S`` are padding, and the true length is recorded in the SP context so that ``sp_gather`` trims
+it and attention excludes it.
+
+Autograd: a shard's backward puts this rank's gradient rows back in place (zeros elsewhere, no
+communication) and a gather's backward keeps this rank's rows of the (replicated) output gradient.
+Every gradient a rank computes is therefore its partial share: summing parameter and input
+gradients over the SP group (all_reduce SUM, not average) gives exactly the full-sequence gradients.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from .context import ShardLayout, SPContext, current_context
+from .ops.shard_pad import shard_pad
+from .parallel_state import group_rank, group_size
+
+
+def _resolve_group(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int, int, SPContext | None]:
+    """(group, size, rank, context to record into): the SP group of the current context by default."""
+    if group is not None:
+        return group, group_size(group), group_rank(group), None
+    ctx = current_context()
+    if ctx is not None:
+        return ctx.state.sp_group, ctx.state.sp_size, ctx.state.sp_rank, ctx
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD, dist.get_world_size(), dist.get_rank(), None
+    return None, 1, 0, None
+
+
+def _norm_dim(tensor: torch.Tensor, dim: int, what: str) -> int:
+    if not -tensor.dim() <= dim < tensor.dim():
+        raise ValueError(f"{what}: dim={dim} is out of range for a tensor of shape {tuple(tensor.shape)}")
+    return dim % tensor.dim()
+
+
+_MAX_DIMS = 16
+
+
+def _check_shapes_agree(x: torch.Tensor, group: dist.ProcessGroup | None, size: int, what: str) -> None:
+    """Raise on every rank when the ranks' shards differ in shape or dtype.
+
+    A fixed-size metadata exchange cannot itself mismatch, while an all-gather of shards of different
+    shapes would hang or scramble data. Costs one tiny collective per gather (once per forward).
+    """
+    if x.dim() > _MAX_DIMS:
+        raise ValueError(f"{what}: tensors of more than {_MAX_DIMS} dims are not supported, got {x.dim()}")
+    meta = torch.full((_MAX_DIMS + 2,), -1, dtype=torch.int64)
+    meta[0] = x.dim()
+    meta[1] = zlib.crc32(str(x.dtype).encode())  # str hashes differ between processes; crc32 does not
+    meta[2 : 2 + x.dim()] = torch.tensor(x.shape, dtype=torch.int64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    meta = meta.to(device)
+    metas = torch.empty(size, meta.numel(), dtype=torch.int64, device=device)
+    if device == "cpu":
+        dist.all_gather(list(metas.unbind(0)), meta, group=group)
+    else:
+        dist.all_gather_into_tensor(metas, meta, group=group)
+    metas = metas.cpu()
+    if not bool((metas == metas[0]).all()):
+        shapes = [tuple(m[2 : 2 + int(m[0])].tolist()) for m in metas]
+        raise ValueError(
+            f"{what}: the ranks' shards disagree (shapes by rank: {shapes}, dtypes equal: "
+            f"{bool((metas[:, 1] == metas[0, 1]).all())}); every rank must run the same model on inputs of the "
+            "same shape"
+        )
+
+
+def _all_gather_cat(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None, size: int) -> torch.Tensor:
+    """All-gather equal-shaped shards and concatenate them along ``dim`` in rank order."""
+    x = x.contiguous()
+    _check_shapes_agree(x, group, size, "sp_gather")
+    if dist.get_backend(group) == "nccl":
+        # One collective into one buffer, then one copy to put the rank axis next to dim.
+        buf = x.new_empty((size, *x.shape))
+        dist.all_gather_into_tensor(buf, x, group=group)
+        if dim == 0:
+            return buf.flatten(0, 1)
+        return buf.movedim(0, dim).flatten(dim, dim + 1)
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, keep, group, size, rank):
+        ctx.dim, ctx.local, ctx.rank = dim, x.size(dim), rank
+        full = _all_gather_cat(x, dim, group, size)
+        return full.narrow(dim, 0, keep) if keep < full.size(dim) else full
+
+    @staticmethod
+    def backward(ctx, grad):
+        return shard_pad(grad, ctx.dim, ctx.rank * ctx.local, ctx.local), None, None, None, None, None
+
+
+def _shard(tensor: torch.Tensor, dim: int, size: int, rank: int, pad_value: float = 0.0) -> tuple[torch.Tensor, int]:
+    local = -(-tensor.size(dim) // size)
+    return shard_pad(tensor, dim, rank * local, local, pad_value), local
+
+
+def shard_and_record(
+    tensor: torch.Tensor, dim: int, ctx: SPContext | None, size: int, rank: int, prefix_len: int = 0
+) -> torch.Tensor:
+    """Shard ``tensor[prefix_len:]`` along ``dim`` (padding at the end), keep the prefix replicated,
+    and record the layout in ``ctx`` (marking the sequence sharded)."""
+    body = tensor.narrow(dim, prefix_len, tensor.size(dim) - prefix_len) if prefix_len else tensor
+    true_len = body.size(dim)
+    out, local = _shard(body, dim, size, rank)
+    if prefix_len:
+        out = torch.cat([tensor.narrow(dim, 0, prefix_len), out], dim=dim)
+    if ctx is not None:
+        ctx.record(ShardLayout(true_len=true_len, local_len=local, sp_size=size, prefix_len=prefix_len))
+        ctx.sharded = True
+    return out
+
+
+def sp_shard(
+    tensor: torch.Tensor, dim: int, *, auto_pad: bool = False, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """This rank's shard of ``tensor`` along ``dim`` (a new contiguous tensor).
+
+    ``group`` defaults to the SP group of the current context (else the default group). A length
+    not divisible by the group size raises unless ``auto_pad``, which pads at the end and records
+    the true length so that ``sp_gather`` and attention drop the padding. Sharding with the SP
+    group marks the sequence as sharded: attention communicates until the matching gather.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"sp_shard expects a tensor, got {type(tensor).__name__}")
+    dim = _norm_dim(tensor, dim, "sp_shard")
+    group, size, rank, ctx = _resolve_group(group)
+    length = tensor.size(dim)
+    if length % size != 0 and not auto_pad:
+        raise ValueError(
+            f"sp_shard: length {length} of dim {dim} (shape {tuple(tensor.shape)}) is not divisible by the "
+            f"sequence-parallel size {size}; pass auto_pad=True (SequenceParallelInput(..., auto_pad=True) in a "
+            "plan) to pad it"
+        )
+    if size == 1:
+        return tensor
+    return shard_and_record(tensor, dim, ctx, size, rank)
+
+
+def sp_shard_with_padding(tensor: torch.Tensor, dim: int, pad_value: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Pad ``tensor`` at the end of ``dim`` to a multiple of the SP size with ``pad_value`` and shard it.
+
+    Returns (this rank's shard, number of padding rows added to the whole sequence). The true length
+    is recorded like ``sp_shard(..., auto_pad=True)`` so ``sp_gather`` trims it.
+    """
+    dim = _norm_dim(tensor, dim, "sp_shard_with_padding")
+    _, size, rank, ctx = _resolve_group(None)
+    length = tensor.size(dim)
+    if size == 1:
+        return tensor, 0
+    out, local = _shard(tensor, dim, size, rank, pad_value)
+    pad = local * size - length
+    if ctx is not None:
+        ctx.record(ShardLayout(true_len=length, local_len=local, sp_size=size))
+        ctx.sharded = True
+    return out, pad
+
+
+def gather_and_trim(
+    tensor: torch.Tensor, dim: int, ctx: SPContext | None, group, size: int, rank: int
+) -> torch.Tensor:
+    """All-gather along ``dim``, dropping padding and rebuilding ``[prefix | full]`` per the recorded
+    layout that matches the local length; a length with no layout is gathered as even shards."""
+    layout = ctx.layout_for_local(tensor.size(dim)) if ctx is not None else None
+    if layout is None:
+        return _Gather.apply(tensor, dim, tensor.size(dim) * size, group, size, rank)
+    if layout.prefix_len == 0:
+        return _Gather.apply(tensor, dim, layout.true_len, group, size, rank)
+    prefix = tensor.narrow(dim, 0, layout.prefix_len)
+    body = tensor.narrow(dim, layout.prefix_len, layout.local_len)
+    return torch.cat([prefix, _Gather.apply(body, dim, layout.true_len, group, size, rank)], dim=dim)
+
+
+def sp_gather(tensor: torch.Tensor, dim: int, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All-gather shards along ``dim`` in rank order and drop the padding recorded by auto_pad.
+
+    A tensor whose local length matches a recorded partial layout ``[prefix | shard]`` comes back
+    as ``[prefix | full sequence]``. Gathering with the SP group ends the sharded region.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"sp_gather expects a tensor, got {type(tensor).__name__}")
+    dim = _norm_dim(tensor, dim, "sp_gather")
+    group, size, rank, ctx = _resolve_group(group)
+    if size == 1:
+        return tensor
+    out = gather_and_trim(tensor, dim, ctx, group, size, rank)
+    if ctx is not None:
+        ctx.sharded = False
+    return out

@@ -1,0 +1,30 @@
+"""Shared fixtures: one pool of gloo ranks per world size for the whole session."""
+
+from __future__ import annotations
+
+import pytest
+
+from sp_kernels.launch import RankPool
+
+
+class _Pools:
+    def __init__(self) -> None:
+        self._pools: dict[int, RankPool] = {}
+
+    def __call__(self, world_size: int) -> RankPool:
+        pool = self._pools.get(world_size)
+        if pool is None or not pool.alive:
+            pool = self._pools[world_size] = RankPool(world_size, timeout=180.0)
+        return pool
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+
+@pytest.fixture(scope="session")
+def rank_pool():
+    """``rank_pool(n)`` -> a RankPool of n gloo ranks, shared by every test of the session."""
+    pools = _Pools()
+    yield pools
+    pools.close()
