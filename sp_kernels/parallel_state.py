@@ -75,6 +75,9 @@ class SPState:
     sp_group: dist.ProcessGroup | None = None
     ulysses_group: dist.ProcessGroup | None = None
     ring_group: dist.ProcessGroup | None = None
+    # Same ranks as sp_group over gloo when sp_group is not gloo (NCCL): metadata checks run on the
+    # host there, so they never synchronize the GPU. None when sp_group itself is host-side.
+    meta_group: dist.ProcessGroup | None = None
     sp_rank: int = 0
     # Global ranks of this rank's SP group, in sp_rank order.
     sp_ranks: tuple[int, ...] = (0,)
@@ -83,6 +86,11 @@ class SPState:
     @property
     def sp_size(self) -> int:
         return self.config.sequence_parallel_size
+
+    @property
+    def host_group(self) -> dist.ProcessGroup | None:
+        """The group to exchange small host-side metadata over (same ranks as sp_group)."""
+        return self.meta_group if self.meta_group is not None else self.sp_group
 
     @property
     def ulysses_size(self) -> int:
@@ -150,13 +158,15 @@ def init_sequence_parallel(
     me = dist.get_rank()
     my_index = parent_ranks.index(me)
     # new_group is collective over the whole world: every rank creates every group, in one order.
-    sp_group = ulysses_group = ring_group = None
+    sp_group = ulysses_group = ring_group = meta_group = None
     sp_ranks: tuple[int, ...] = (me,)
+    host_side = dist.get_backend(parent) == "gloo"
     for start in range(0, world, P):
         block = parent_ranks[start : start + P]
         g = dist.new_group(block) if P > 1 else None
+        mg = dist.new_group(block, backend="gloo") if P > 1 and not host_side else None
         if me in block:
-            sp_group, sp_ranks = g, tuple(block)
+            sp_group, meta_group, sp_ranks = g, mg, tuple(block)
         for r in range(R):
             uranks = block[r * U : (r + 1) * U]
             ug = dist.new_group(uranks) if U > 1 else None
@@ -172,6 +182,7 @@ def init_sequence_parallel(
         sp_group=sp_group,
         ulysses_group=ulysses_group,
         ring_group=ring_group,
+        meta_group=meta_group,
         sp_rank=my_index % P,
         sp_ranks=sp_ranks,
     )

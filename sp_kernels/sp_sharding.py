@@ -17,6 +17,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from .comm import all_gather_small
 from .context import ShardLayout, SPContext, current_context
 from .ops.shard_pad import shard_pad
 from .parallel_state import group_rank, group_size
@@ -43,7 +44,7 @@ def _norm_dim(tensor: torch.Tensor, dim: int, what: str) -> int:
 _MAX_DIMS = 16
 
 
-def _check_shapes_agree(x: torch.Tensor, group: dist.ProcessGroup | None, size: int, what: str) -> None:
+def _check_shapes_agree(x: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> None:
     """Raise on every rank when the ranks' shards differ in shape or dtype.
 
     A fixed-size metadata exchange cannot itself mismatch, while an all-gather of shards of different
@@ -51,31 +52,24 @@ def _check_shapes_agree(x: torch.Tensor, group: dist.ProcessGroup | None, size: 
     """
     if x.dim() > _MAX_DIMS:
         raise ValueError(f"{what}: tensors of more than {_MAX_DIMS} dims are not supported, got {x.dim()}")
-    meta = torch.full((_MAX_DIMS + 2,), -1, dtype=torch.int64)
-    meta[0] = x.dim()
-    meta[1] = zlib.crc32(str(x.dtype).encode())  # str hashes differ between processes; crc32 does not
-    meta[2 : 2 + x.dim()] = torch.tensor(x.shape, dtype=torch.int64)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    meta = meta.to(device)
-    metas = torch.empty(size, meta.numel(), dtype=torch.int64, device=device)
-    if device == "cpu":
-        dist.all_gather(list(metas.unbind(0)), meta, group=group)
-    else:
-        dist.all_gather_into_tensor(metas, meta, group=group)
-    metas = metas.cpu()
-    if not bool((metas == metas[0]).all()):
-        shapes = [tuple(m[2 : 2 + int(m[0])].tolist()) for m in metas]
+    # str hashes differ between processes; crc32 does not.
+    meta = [x.dim(), zlib.crc32(str(x.dtype).encode())] + list(x.shape) + [-1] * (_MAX_DIMS - x.dim())
+    metas = all_gather_small(meta, group)
+    if any(m != metas[0] for m in metas):
+        shapes = [tuple(m[2 : 2 + m[0]]) for m in metas]
         raise ValueError(
             f"{what}: the ranks' shards disagree (shapes by rank: {shapes}, dtypes equal: "
-            f"{bool((metas[:, 1] == metas[0, 1]).all())}); every rank must run the same model on inputs of the "
+            f"{all(m[1] == metas[0][1] for m in metas)}); every rank must run the same model on inputs of the "
             "same shape"
         )
 
 
-def _all_gather_cat(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None, size: int) -> torch.Tensor:
+def _all_gather_cat(
+    x: torch.Tensor, dim: int, group: dist.ProcessGroup | None, size: int, meta_group: dist.ProcessGroup | None
+) -> torch.Tensor:
     """All-gather equal-shaped shards and concatenate them along ``dim`` in rank order."""
     x = x.contiguous()
-    _check_shapes_agree(x, group, size, "sp_gather")
+    _check_shapes_agree(x, meta_group, "sp_gather")
     if dist.get_backend(group) == "nccl":
         # One collective into one buffer, then one copy to put the rank axis next to dim.
         buf = x.new_empty((size, *x.shape))
@@ -90,14 +84,14 @@ def _all_gather_cat(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None, 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, keep, group, size, rank):
+    def forward(ctx, x, dim, keep, group, size, rank, meta_group):
         ctx.dim, ctx.local, ctx.rank = dim, x.size(dim), rank
-        full = _all_gather_cat(x, dim, group, size)
+        full = _all_gather_cat(x, dim, group, size, meta_group)
         return full.narrow(dim, 0, keep) if keep < full.size(dim) else full
 
     @staticmethod
     def backward(ctx, grad):
-        return shard_pad(grad, ctx.dim, ctx.rank * ctx.local, ctx.local), None, None, None, None, None
+        return shard_pad(grad, ctx.dim, ctx.rank * ctx.local, ctx.local), None, None, None, None, None, None
 
 
 def _shard(tensor: torch.Tensor, dim: int, size: int, rank: int, pad_value: float = 0.0) -> tuple[torch.Tensor, int]:
@@ -171,14 +165,16 @@ def gather_and_trim(
 ) -> torch.Tensor:
     """All-gather along ``dim``, dropping padding and rebuilding ``[prefix | full]`` per the recorded
     layout that matches the local length; a length with no layout is gathered as even shards."""
+    # The shape check runs over the state's host-side group when gathering over its SP group.
+    meta = ctx.state.host_group if ctx is not None and group is ctx.state.sp_group else group
     layout = ctx.layout_for_local(tensor.size(dim)) if ctx is not None else None
     if layout is None:
-        return _Gather.apply(tensor, dim, tensor.size(dim) * size, group, size, rank)
+        return _Gather.apply(tensor, dim, tensor.size(dim) * size, group, size, rank, meta)
     if layout.prefix_len == 0:
-        return _Gather.apply(tensor, dim, layout.true_len, group, size, rank)
+        return _Gather.apply(tensor, dim, layout.true_len, group, size, rank, meta)
     prefix = tensor.narrow(dim, 0, layout.prefix_len)
     body = tensor.narrow(dim, layout.prefix_len, layout.local_len)
-    return torch.cat([prefix, _Gather.apply(body, dim, layout.true_len, group, size, rank)], dim=dim)
+    return torch.cat([prefix, _Gather.apply(body, dim, layout.true_len, group, size, rank, meta)], dim=dim)
 
 
 def sp_gather(tensor: torch.Tensor, dim: int, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -238,3 +238,42 @@ def _raise_on_rank_1():
     if dist.get_rank() == 1:
         raise ValueError("boom")
     return 0
+
+
+def run_group_layout(u, r):
+    state = init_sequence_parallel(SequenceParallelConfig(ulysses_degree=u, ring_degree=r))
+    again = init_sequence_parallel(SequenceParallelConfig(ulysses_degree=u, ring_degree=r))
+
+    def ranks(g):
+        return None if g is None else dist.get_process_group_ranks(g)
+
+    return {
+        "cached": again is state,
+        "sp": ranks(state.sp_group),
+        "ulysses": ranks(state.ulysses_group),
+        "ring": ranks(state.ring_group),
+        "sp_rank": state.sp_rank,
+        "ulysses_rank": state.ulysses_rank,
+        "ring_rank": state.ring_rank,
+    }
+
+
+@pytest.mark.parametrize(
+    "u, r, expect",
+    [
+        # rank 3's view: Ulysses groups are contiguous ranks, ring groups strided by U.
+        (2, 2, {"sp": [0, 1, 2, 3], "ulysses": [2, 3], "ring": [1, 3], "sp_rank": 3, "ulysses_rank": 1,
+                "ring_rank": 1}),
+        (4, 1, {"sp": [0, 1, 2, 3], "ulysses": [0, 1, 2, 3], "ring": None, "sp_rank": 3, "ulysses_rank": 3,
+                "ring_rank": 0}),
+        (1, 4, {"sp": [0, 1, 2, 3], "ulysses": None, "ring": [0, 1, 2, 3], "sp_rank": 3, "ulysses_rank": 0,
+                "ring_rank": 3}),
+        # SP size 2 in a world of 4: two SP groups (data-parallel replicas), [0, 1] and [2, 3].
+        (2, 1, {"sp": [2, 3], "ulysses": [2, 3], "ring": None, "sp_rank": 1, "ulysses_rank": 1, "ring_rank": 0}),
+    ],
+)
+def test_group_layout(rank_pool, u, r, expect):
+    views = rank_pool(4).run(run_group_layout, u, r)
+    assert all(v["cached"] for v in views)
+    got = {k: v for k, v in views[3].items() if k != "cached"}
+    assert got == expect

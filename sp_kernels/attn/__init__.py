@@ -141,7 +141,7 @@ def _valid_rows(call: AttentionCall, name: str) -> list[int]:
     layout = call.layout
     needs_lengths = layout is None and name != "ulysses"
     if check_enabled() or needs_lengths:
-        rows = exchange_rows(call, state.sp_group, list(BACKEND_NAMES))
+        rows = exchange_rows(call, state.host_group, list(BACKEND_NAMES))
         if U > 1:
             for g in range(P // U):
                 local = [rows[g * U + u][0] for u in range(U)]
