@@ -7,6 +7,9 @@ compute, its ``wait`` after)::
     handle = comm.post(send_tensor, recv_buffer)   # send to the next rank, receive from the previous
     ...compute...
     comm.wait(handle)
+
+On CUDA, ``StreamOrderedComm`` wraps any RingComm so the transfers run on a dedicated high-priority
+stream, ordered against the compute stream by events only (no host synchronization).
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class TorchRingComm:
         self.group = group
         self.rank = group_rank(group)
         self.size = group_size(group)
+        # The device type the group's tensors must live on (gloo: cpu, nccl: cuda), for clear errors.
+        self.device_type = device_of_group(group).type
         if group is not None:
             self._next = dist.get_global_rank(group, (self.rank + 1) % self.size)
             self._prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
@@ -95,3 +100,74 @@ class TorchRingComm:
     def wait(self, handle: list) -> None:
         for work in handle:
             work.wait()
+
+
+def check_comm_device(comm: object, device: torch.device) -> None:
+    """Raise a clear ValueError when the tensors live where the communicator cannot send them.
+
+    gloo crashes on CUDA tensors and NCCL cannot send CPU tensors; a comm without ``device_type``
+    (a test double) accepts anything.
+    """
+    want = getattr(comm, "device_type", None)
+    if want is not None and want != device.type:
+        raise ValueError(
+            f"ring: the tensors are on {device} but the ring process group communicates {want} tensors "
+            f"({'gloo' if want == 'cpu' else 'nccl'}); move the tensors to {want} or build the group with "
+            f"the {'nccl' if device.type == 'cuda' else 'gloo'} backend"
+        )
+
+
+_COMM_STREAMS: dict[torch.device, object] = {}
+
+
+def comm_stream(device: torch.device) -> torch.cuda.Stream:
+    """The dedicated high-priority communication stream of a CUDA device (created once per device)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"comm_stream: a communication stream needs a CUDA device, got {device}")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _COMM_STREAMS.get(device)
+    if stream is None:
+        # priority=-1: the transfers' small kernels are scheduled ahead of queued attention blocks,
+        # so the next step's KV is not starved by the compute it is meant to hide behind.
+        stream = _COMM_STREAMS[device] = torch.cuda.Stream(device=device, priority=-1)
+    return stream  # type: ignore[return-value]
+
+
+class StreamOrderedComm:
+    """A RingComm whose transfers run on ``stream``, ordered against the current (compute) stream.
+
+    ``post``: the comm stream first waits (an event, not the host) for everything queued on the
+    compute stream so far -- the send buffer was written there (packing or the previous receive)
+    and the receive buffer was last read there (the previous step's attention). ``wait``: the comm
+    stream waits for the transfer, then the compute stream waits for the comm stream (events again),
+    so the next step's attention reads completed data. The host never blocks.
+    """
+
+    def __init__(self, inner: RingComm, stream: torch.cuda.Stream) -> None:
+        self.inner = inner
+        self.stream = stream
+        self.rank = inner.rank
+        self.size = inner.size
+        self.device_type = getattr(inner, "device_type", None)
+
+    def _check(self, t: Tensor) -> None:
+        if t.device.type != "cuda" or t.device.index != self.stream.device.index:
+            raise ValueError(
+                f"StreamOrderedComm: tensor on {t.device} but the communication stream is on {self.stream.device}; "
+                "the ring's tensors, stream and process group must share one CUDA device"
+            )
+
+    def post(self, send: Tensor, recv: Tensor) -> Any:
+        self._check(send)
+        self._check(recv)
+        self.stream.wait_stream(torch.cuda.current_stream(send.device))
+        with torch.cuda.stream(self.stream):
+            return self.inner.post(send, recv)
+
+    def wait(self, handle: Any) -> None:
+        with torch.cuda.stream(self.stream):
+            # NCCL's Work.wait() makes the *current* stream (here the comm stream) wait; no host block.
+            self.inner.wait(handle)
+        torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)

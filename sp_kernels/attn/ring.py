@@ -1,12 +1,21 @@
 """Ring attention: K/V blocks travel around the ring while each rank attends its queries to them.
 
+One loop (``ring_core``) serves both ring backends; a ``RingEngine`` says how it runs:
+
+* ``"ring"`` (``REFERENCE_ENGINE``): the simple reference -- transfers issued on the current stream,
+  partial results merged into a running fp32 accumulator after every step.
+* ``"fused_ring"`` (fused_ring.py): on CUDA the transfers go on a dedicated high-priority stream
+  ordered against compute by events, and the merge is per step (the fused op) or deferred (all W
+  partials kept, one W-way merge at the end). On CPU/gloo the same loop runs with async work handles.
+
 Per step the next block's transfer is posted before this step's compute and waited after it
 (``RingComm.post``/``wait``), K and V travel in one buffer, and partial results are merged in fp32
 with the log1p form (merge.py). Receive buffers: two flat buffers per (dtype, device), sized to the
 largest block and kept in ``state._cache`` across calls -- no allocation per step or per call once
-warm. Shards of unequal length work without padding: every rank knows every block's length
-(exchanged once per call, or derived from the recorded ShardLayout), so each message is sized
-exactly and both ends agree on it. auto_pad rows are simply not part of any block.
+warm; ``release_ring_buffers`` (or ``remove_sequence_parallel``, through the state's
+``release_callbacks``) frees them. Shards of unequal length work without padding: every rank knows
+every block's length (exchanged once per call, or derived from the recorded ShardLayout), so each
+message is sized exactly and both ends agree on it. auto_pad rows are simply not part of any block.
 
 Causal: NAIVE, not load-balanced. Blocks are in rank order, so rank r computes blocks 0..r (block
 r with the causal mask) and skips the rest while still forwarding them; the last rank does R times
@@ -20,23 +29,97 @@ rank), so the joint output is bitwise identical on every rank.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 
-from ..comm import RingComm, TorchRingComm
+from ..comm import RingComm, StreamOrderedComm, TorchRingComm, check_comm_device, comm_stream
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
 from .local import block_attention, lse_dtype
 from .merge import merge_all, merge_into
 
 Tensor = torch.Tensor
+MERGE_MODES = ("fused", "deferred")
+_BUFFER_KEY = "ring_kv"
 
 
-def _ring_buffers(cache: dict, numel: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    key = ("ring_kv", dtype, device)
+@dataclass(frozen=True)
+class RingEngine:
+    """How ``ring_core`` runs. ``merge``: "fused" (per-step in-place merge) or "deferred" (keep the W
+    partials, one W-way merge at the end). ``comm_stream``: on CUDA, issue transfers on a dedicated
+    high-priority stream (ignored on CPU, where gloo's async work handles give the overlap)."""
+
+    merge: str = "fused"
+    comm_stream: bool = False
+
+    def __post_init__(self) -> None:
+        if self.merge not in MERGE_MODES:
+            raise ValueError(f"RingEngine.merge={self.merge!r} is unknown; expected one of {list(MERGE_MODES)}")
+
+
+REFERENCE_ENGINE = RingEngine(merge="fused", comm_stream=False)
+
+# fused_ring's merge mode: DEFAULT_MERGE was chosen from benchmarks/bench_ring.py (docs/performance.md);
+# the environment variable or set_default_merge() override it.
+MERGE_ENV = "SP_KERNELS_RING_MERGE"
+DEFAULT_MERGE = "fused"
+_merge_override: str | None = None
+
+
+def set_default_merge(mode: str | None) -> None:
+    """Set the merge mode fused_ring uses ("fused" or "deferred"); None restores env/default."""
+    global _merge_override
+    if mode is not None and mode not in MERGE_MODES:
+        raise ValueError(f"set_default_merge: {mode!r} is unknown; expected one of {list(MERGE_MODES)} or None")
+    _merge_override = mode
+
+
+def default_engine(merge: str | None = None) -> RingEngine:
+    """The engine of fused_ring and of USP's ring part: comm stream on CUDA, the chosen merge mode."""
+    if merge is None:
+        merge = _merge_override if _merge_override is not None else (os.environ.get(MERGE_ENV, "") or DEFAULT_MERGE)
+    if merge not in MERGE_MODES:
+        raise ValueError(f"fused_ring merge mode {merge!r} is unknown (see {MERGE_ENV}); expected one of {list(MERGE_MODES)}")
+    return RingEngine(merge=merge, comm_stream=True)
+
+
+def release_ring_buffers(cache: dict) -> int:
+    """Free the cached ring receive buffers of one SP state's cache; returns how many pairs were dropped."""
+    keys = [k for k in cache if isinstance(k, tuple) and k and k[0] == _BUFFER_KEY]
+    for k in keys:
+        del cache[k]
+    return len(keys)
+
+
+def _register_release(cache: dict) -> None:
+    # remove_sequence_parallel pops and calls this list, so register again whenever it is gone.
+    callbacks = cache.setdefault("release_callbacks", [])
+    if not any(getattr(cb, "_sp_ring_buffers", False) for cb in callbacks):
+
+        def release() -> None:
+            release_ring_buffers(cache)
+
+        release._sp_ring_buffers = True  # type: ignore[attr-defined]
+        callbacks.append(release)
+
+
+def ring_buffers(
+    cache: dict, numel: int, dtype: torch.dtype, device: torch.device, stream: object | None = None
+) -> tuple[Tensor, Tensor]:
+    """The two flat receive buffers (at least ``numel`` elements each), allocated once and reused."""
+    key = (_BUFFER_KEY, dtype, device)
     bufs = cache.get(key)
     if bufs is None or bufs[0].numel() < numel:
         bufs = (new_buffer((numel,), dtype, device), new_buffer((numel,), dtype, device))
+        if stream is not None:
+            # The comm stream reads/writes them: the caching allocator must not hand their memory to
+            # another tensor (once released) before that stream's last use has finished.
+            for b in bufs:
+                b.record_stream(stream)  # type: ignore[arg-type]
         cache[key] = bufs
+    _register_release(cache)
     return bufs
 
 
@@ -44,8 +127,8 @@ def _kv_view(flat: Tensor, B: int, rows: int, heads: int, D: int) -> Tensor:
     return flat[: 2 * B * rows * heads * D].view(2, B, rows, heads, D)
 
 
-class _Accumulator:
-    """Running merge of partial results for one block of queries."""
+class _Running:
+    """Per-step merge into one fp32 running accumulator (``merge_into``, the fused op when present)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -66,6 +149,25 @@ class _Accumulator:
             dest.copy_(self.out)
 
 
+class _Deferred:
+    """Keep every partial (bf16 out + fp32 lse, as the kernel returned them) and merge once at the end."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.parts: list[tuple[Tensor, Tensor]] = []
+
+    def add(self, out: Tensor, lse: Tensor) -> None:
+        self.parts.append((out, lse))
+
+    def write(self, dest: Tensor) -> None:
+        if not self.parts:
+            dest.zero_()
+        elif len(self.parts) == 1:
+            dest.copy_(self.parts[0][0])
+        else:
+            dest.copy_(merge_all(self.parts, self.dtype)[0])
+
+
 def ring_core(
     q: Tensor,
     k: Tensor,
@@ -79,48 +181,65 @@ def ring_core(
     out_seq: Tensor,
     out_joint: Tensor | None,
     cache: dict,
+    engine: RingEngine | None = None,
 ) -> None:
     """Attention of this rank's queries over all ring blocks (+ joint tokens), written into the outputs.
 
     q/k/v hold exactly ``lens[comm.rank]`` rows (no padding). ``joint`` tensors have the same heads as
     q/k/v. ``out_seq`` ``[B, lens[rank], Hq, D]``, ``out_joint`` ``[B, J, Hq, D]`` (when joint).
+    ``engine`` None means the fused_ring default (``default_engine()``): USP calls this
+    without one, so its ring part is fused_ring.
     """
+    if engine is None:
+        engine = default_engine()
     R, rank = comm.size, comm.rank
-    B, _, Hq, D = q.shape
+    if len(lens) != R:
+        raise ValueError(f"ring: got {len(lens)} block lengths for a ring of {R} ranks")
+    B, n, Hq, D = q.shape
+    if n != lens[rank] or k.shape[1] != n:
+        raise ValueError(
+            f"ring: rank {rank} holds {n} query / {k.shape[1]} key rows but the exchanged block lengths say "
+            f"{lens[rank]} (lengths {lens}); every rank must agree on the shard lengths"
+        )
     Hkv = k.shape[2]
     acc_dtype = lse_dtype(q.dtype)
-    local = _Accumulator(acc_dtype)
-    has_q = q.shape[1] > 0
+    local = _Deferred(acc_dtype) if engine.merge == "deferred" else _Running(acc_dtype)
+    has_q = n > 0
     # Causal order is [joint | sequence] ("front") or [sequence | joint] ("rear"): joint queries in
     # front see no sequence keys, sequence queries see no rear joint keys.
     seq_sees_joint = joint is not None and not (causal and joint.strategy == "rear")
     joint_in_ring = joint is not None and not (causal and joint.strategy == "front")
     joint_parts: list[tuple[Tensor, Tensor]] = []
-    if joint is not None:
-        if seq_sees_joint and has_q:
-            local.add(*block_attention(q, joint.key, joint.value, softmax_scale=scale))
-        joint_parts.append(block_attention(joint.query, joint.key, joint.value, softmax_scale=scale, causal=causal))
     joint_by_src: dict[int, tuple[Tensor, Tensor]] = {}
 
-    bufs: tuple[Tensor, Tensor] | None = None
+    stream = None
     if R > 1:
-        bufs = _ring_buffers(cache, 2 * B * max(lens) * Hkv * D, k.dtype, k.device)
-        packed = _kv_view(bufs[0], B, lens[rank], Hkv, D)
+        check_comm_device(comm, q.device)
+        if engine.comm_stream and q.device.type == "cuda":
+            stream = comm_stream(q.device)
+            comm = StreamOrderedComm(comm, stream)
+        bufs = ring_buffers(cache, 2 * B * max(lens) * Hkv * D, k.dtype, k.device, stream)
+        packed = _kv_view(bufs[0], B, n, Hkv, D)
         packed[0].copy_(k)
         packed[1].copy_(v)
     for step in range(R):
         src = (rank - step) % R
         handle = None
         if step < R - 1:
-            assert bufs is not None
             nxt = (rank - step - 1) % R
             send = _kv_view(bufs[step % 2], B, lens[src], Hkv, D)
             recv = _kv_view(bufs[(step + 1) % 2], B, lens[nxt], Hkv, D)
             handle = comm.post(send, recv)
+        if step == 0 and joint is not None:
+            # Joint K/V are local: computed while the first transfer is already in flight.
+            if seq_sees_joint and has_q:
+                local.add(*block_attention(q, joint.key, joint.value, softmax_scale=scale))
+            joint_parts.append(
+                block_attention(joint.query, joint.key, joint.value, softmax_scale=scale, causal=causal)
+            )
         if step == 0:
             kb, vb = k, v
         else:
-            assert bufs is not None
             kv = _kv_view(bufs[step % 2], B, lens[src], Hkv, D)
             kb, vb = kv[0], kv[1]
         if lens[src] and has_q and (not causal or src <= rank):
@@ -135,13 +254,17 @@ def ring_core(
         out_joint.copy_(merge_all(parts, acc_dtype)[0])
 
 
-def ring_attention(call: AttentionCall, lens: list[int], comm: RingComm | None = None) -> Tensor:
-    """Pure ring over ``call.state.ring_group``; ``lens`` = valid rows of every ring rank."""
+def run_ring(call: AttentionCall, lens: list[int], comm: RingComm | None, engine: RingEngine) -> Tensor:
+    """A pure ring over ``call.state.ring_group`` with ``engine``; ``lens`` = valid rows of every ring rank."""
     state = call.state
     comm = comm if comm is not None else TorchRingComm(state.ring_group)
     q, k, v = call.query, call.key, call.value
     B, L, Hq, D = q.shape
+    if len(lens) != comm.size:
+        raise ValueError(f"ring: got {len(lens)} shard lengths for a ring of {comm.size} ranks")
     n = lens[comm.rank]
+    if n > L:
+        raise ValueError(f"ring: rank {comm.rank} has {L} rows but its shard length is {n} (lengths {lens})")
     joint = call.joint
     J = joint.length if joint is not None else 0
     front = joint is None or joint.strategy == "front"
@@ -160,5 +283,11 @@ def ring_attention(call: AttentionCall, lens: list[int], comm: RingComm | None =
         out_seq=result[:, seq0 : seq0 + n],
         out_joint=(result[:, :J] if front else result[:, L : L + J]) if joint is not None else None,
         cache=state._cache,
+        engine=engine,
     )
     return result
+
+
+def ring_attention(call: AttentionCall, lens: list[int], comm: RingComm | None = None) -> Tensor:
+    """The "ring" backend: the reference engine (current stream, running merge)."""
+    return run_ring(call, lens, comm, REFERENCE_ENGINE)
