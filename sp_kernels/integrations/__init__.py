@@ -1,0 +1,2 @@
+"""Integrations with other libraries. Each submodule imports its library lazily; importing
+sp_kernels never imports any of them."""

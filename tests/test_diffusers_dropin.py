@@ -1,0 +1,147 @@
+"""Drop-in for diffusers: ``set_attention_backend("fused_ring")`` + diffusers' own ``enable_parallelism``
+runs sp_kernels' ring over diffusers' process groups; a tiny random-weight Flux on gloo must equal the
+same model on one process (diffusers' native SDPA, no sp_kernels code) at fp32."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None,
+    reason="diffusers is not installed (scripts/setup.sh installs it); the drop-in integration needs it",
+)
+
+FLUX = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+
+
+def _flux_inputs(seed: int, image_tokens: int, text_tokens: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(1, image_tokens, 4, generator=gen),
+        encoder_hidden_states=torch.randn(1, text_tokens, 32, generator=gen),
+        pooled_projections=torch.randn(1, 32, generator=gen),
+        timestep=torch.tensor([0.7]),
+        img_ids=torch.randn(image_tokens, 3, generator=gen),
+        txt_ids=torch.randn(text_tokens, 3, generator=gen),
+    )
+
+
+def _flux(seed: int):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**FLUX).eval()
+
+
+def _dropin_cases(cases: list[tuple[str, int, int]]) -> list[dict]:
+    """Rank side: for each (backend, ring_degree, ulysses_degree) run the model on one process with
+    diffusers' native attention, then under diffusers' context parallelism with our backend.
+    ``return_dict=False``: diffusers' CP output hook rejects its own output dataclass at a root key."""
+    import logging
+
+    import diffusers
+    import torch.distributed as dist
+
+    import sp_kernels.integrations.diffusers as integration
+    from sp_kernels import attn
+    from sp_kernels.comm import TorchRingComm
+
+    # diffusers' own CPU bugs (see the integration's docstring): rank % device_count() with 0 devices,
+    # and logger.warning_once, which only exists once transformers is imported.
+    real_count = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: max(1, real_count())
+    had_once = hasattr(logging.Logger, "warning_once")
+    if not had_once:
+        logging.Logger.warning_once = logging.Logger.warning  # type: ignore[attr-defined]
+    before = attn._BACKENDS.get("fused_ring")
+    counts = {"ring": 0}
+    real_post = TorchRingComm.post
+
+    def post(self, send, recv):
+        counts["ring"] += 1
+        return real_post(self, send, recv)
+
+    TorchRingComm.post = post
+    results = []
+    try:
+        integration.register()
+        for backend, ring_degree, ulysses_degree in cases:
+            inputs = _flux_inputs(3, image_tokens=16, text_tokens=8)
+            with torch.no_grad():
+                model = _flux(11)
+                single = model(**inputs, return_dict=False)[0]
+                model.set_attention_backend(backend)
+                local = model(**inputs, return_dict=False)[0]  # our backend without parallelism: local attention
+                model.enable_parallelism(config=diffusers.ContextParallelConfig(ring_degree=ring_degree,
+                                                                                ulysses_degree=ulysses_degree))
+                counts["ring"] = 0
+                sp = model(**inputs, return_dict=False)[0]
+            results.append({
+                "err": (sp - single).abs().max().item(),
+                "local_err": (local - single).abs().max().item(),
+                "shape_ok": sp.shape == single.shape,
+                "posts": counts["ring"],
+                "version": diffusers.__version__,
+            })
+            dist.barrier()
+    finally:
+        TorchRingComm.post = real_post
+        torch.accelerator.device_count = real_count
+        if not had_once:
+            del logging.Logger.warning_once
+        if before is None:
+            attn._BACKENDS.pop("fused_ring", None)
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_flux_dropin_matches_single_process(rank_pool, world_size):
+    cases = [("fused_ring", world_size, 1), ("sp_ulysses", 1, world_size)]
+    if world_size == 4:
+        cases.append(("sp_usp", 2, 2))
+    per_rank = rank_pool(world_size).run(_dropin_cases, cases)
+    for i, (backend, ring_degree, _) in enumerate(cases):
+        for rank, res in enumerate(r[i] for r in per_rank):
+            assert res["shape_ok"], (backend, rank)
+            assert res["local_err"] < 1e-5, (backend, rank, res)
+            assert res["err"] < 1e-5, (backend, rank, res)
+            # Our ring really ran (R - 1 transfers per attention call, 2 attention layers).
+            assert (res["posts"] > 0) == (ring_degree > 1), (backend, rank, res)
+            if ring_degree > 1:
+                assert res["posts"] == 2 * (ring_degree - 1), (backend, rank, res)
+
+
+def test_registration_and_lazy_import():
+    # Importing sp_kernels must not import diffusers; the integration module does.
+    code = (
+        "import sys, sp_kernels, sp_kernels.attn, sp_kernels.integrations; assert 'diffusers' not in sys.modules;"
+        "import sp_kernels.integrations.diffusers as d; assert 'diffusers' in sys.modules;"
+        "from diffusers.models.attention_dispatch import AttentionBackendName as A, _AttentionBackendRegistry as R;"
+        "assert [A(n).value for n in d.BACKENDS] == list(d.BACKENDS);"
+        "assert all(R._is_context_parallel_available(A(n)) for n in d.BACKENDS);"
+        "assert d.register() == list(d.BACKENDS) and len([m for m in A if m.value == 'fused_ring']) == 1;"
+        "from sp_kernels.attn import registered_backends; assert 'fused_ring' in registered_backends()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unsupported_arguments_raise():
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    import sp_kernels.integrations.diffusers  # noqa: F401 - registers the backends
+
+    fn = _AttentionBackendRegistry._backends[AttentionBackendName("fused_ring")]
+    q = torch.randn(1, 5, 2, 8)
+    with pytest.raises(NotImplementedError, match="attention masks"):
+        fn(q, q, q, attn_mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        fn(q, q, q, dropout_p=0.1)
+    out, lse = fn(q, q, q, return_lse=True)  # no parallel config: local attention with its lse [B, S, H]
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, q, q))).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=1e-6) and lse.shape == (1, 5, 2)
