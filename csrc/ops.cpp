@@ -12,6 +12,16 @@ TORCH_LIBRARY(sp_kernels, m) {
   // y = x rows [start, start + length) along dim; rows past x's end are pad_value. New contiguous tensor.
   m.def("shard_pad(Tensor x, int dim, int start, int length, float pad_value) -> Tensor");
 
+  // Ulysses pack/unpack (layouts in csrc/include/sp_kernels/pack_index.h). Each returns a new
+  // contiguous tensor written in one pass; padding heads/rows are zero, dropped rows never copied.
+  m.set_python_module("sp_kernels.ops.pack");
+  m.def("pack_qkv(Tensor q, Tensor k, Tensor v, int world_size, int[] kv_index) -> Tensor");
+  m.def(
+      "unpack_qkv(Tensor recv, int seq_len, Tensor? joint_q, Tensor? joint_k, Tensor? joint_v, "
+      "bool joint_front) -> Tensor");
+  m.def("pack_out(Tensor out_seq, Tensor? out_joint, int world_size, int local_len, bool joint_front) -> Tensor");
+  m.def("unpack_out(Tensor recv, int heads) -> Tensor");
+
   // No tensor argument, so no dispatch key: a catch-all kernel, answered by every build.
   m.def("_build_info() -> str", &sp_kernels::build_info_json);
 }

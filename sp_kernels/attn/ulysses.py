@@ -14,7 +14,10 @@ divide Hq. KV heads: each rank receives the KV heads its query heads use (``plan
 fewer KV heads than ranks (MQA / narrow GQA) KV heads are replicated into several chunks.
 
 Padding rows sit at the end of the global sequence (ShardLayout), so valid rows are a prefix of the
-rank-ordered concatenation: ``exchange_qkv`` can copy every chunk whole and keep the first S rows.
+rank-ordered concatenation: ``exchange_qkv`` keeps the first S rows and never copies a padding row.
+
+The copies are the one-pass ``sp_kernels::pack_qkv / unpack_qkv / pack_out / unpack_out`` ops
+(sp_kernels/ops/pack.py: native C++/CUDA, Triton, or the pure-torch reference implementation).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_to_all
+from ..ops import pack as pack_ops
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
 from .local import block_attention
@@ -96,35 +100,26 @@ def _check_prefix(valid: list[int], local_len: int) -> None:
             seen_short = True
 
 
-def _copy_heads(dst: Tensor, src: Tensor, plan: HeadPlan) -> None:
-    """dst [P, B, S, hq, D] <- src [B, S, Hq, D] split by heads (zero padding heads)."""
-    P, hq = plan.size, plan.q_local
-    if plan.heads == P * hq:
-        dst.copy_(src.view(src.shape[0], src.shape[1], P, hq, src.shape[3]).permute(2, 0, 1, 3, 4))
-        return
-    for r in range(P):
-        lo, hi = plan.q_range(r)
-        dst[r, :, :, : hi - lo].copy_(src[:, :, lo:hi])
-        dst[r, :, :, hi - lo :].zero_()
+def _rows(t: Tensor | None) -> Tensor | None:
+    """``t`` itself when its [heads, D] rows are contiguous (what the pack ops need), else a copy;
+    batch/token strides may be anything (slices of fused projections pass without a copy)."""
+    if t is None:
+        return None
+    D = t.shape[3]
+    if (t.shape[3] <= 1 or t.stride(3) == 1) and (t.shape[2] <= 1 or t.stride(2) == D):
+        return t
+    return t.contiguous()
 
 
-def _copy_kv(dst: Tensor, src: Tensor, plan: HeadPlan) -> None:
-    """dst [P, B, S, nkv, D] <- the KV heads each rank needs from src [B, S, Hkv, D]."""
-    P, n = plan.size, plan.kv_local
-    B, S, _, D = src.shape
-    picked = src if plan.kv_index is None else src[:, :, list(plan.kv_index)]
-    dst.copy_(picked.view(B, S, P, n, D).permute(2, 0, 1, 3, 4))
+def _kv_index(plan: HeadPlan) -> list[int]:
+    """The KV head table of the pack op: P * nkv global KV heads in chunk order."""
+    return list(plan.kv_index) if plan.kv_index is not None else list(range(plan.size * plan.kv_local))
 
 
 def pack_qkv(q: Tensor, k: Tensor, v: Tensor, plan: HeadPlan) -> Tensor:
-    """One send buffer ``[P, B, S_loc, hq + 2*nkv, D]`` for q, k and v."""
-    B, S, _, D = q.shape
-    hq, n = plan.q_local, plan.kv_local
-    send = new_buffer((plan.size, B, S, hq + 2 * n, D), q.dtype, q.device)
-    _copy_heads(send[..., :hq, :], q, plan)
-    _copy_kv(send[..., hq : hq + n, :], k, plan)
-    _copy_kv(send[..., hq + n :, :], v, plan)
-    return send
+    """One send buffer ``[P, B, S_loc, hq + 2*nkv, D]`` for q, k and v, written in one pass by the
+    ``sp_kernels::pack_qkv`` op (its torch implementation, ``ops.pack.pack_qkv_torch``, is the reference)."""
+    return pack_ops.pack_qkv(_rows(q), _rows(k), _rows(v), plan.size, _kv_index(plan))
 
 
 def slice_joint(joint: Joint, plan: HeadPlan, rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -164,22 +159,23 @@ def exchange_qkv(
     J = 0 if joint_local is None else joint_local[0].shape[1]
     if B == 1 and J == 0:
         buf = all_to_all(send, group).view(1, P * S_loc, width, D)[:, :S]
-    else:
+    elif B == 1:
+        # Received straight into place (no unpack pass); only the joint rows are written next to them.
         seq0 = J if strategy == "front" else 0
         rows = max(seq0 + P * S_loc, S + J)  # rear joint rows overwrite the padding rows after S
         full = new_buffer((B, rows, width, D), send.dtype, send.device)
-        seq = full[:, seq0 : seq0 + P * S_loc]
-        if B == 1:
-            all_to_all(send, group, out=seq.view(P, 1, S_loc, width, D))
-        else:
-            seq.view(B, P, S_loc, width, D).copy_(all_to_all(send, group).transpose(0, 1))
-        if joint_local is not None:
-            j0 = 0 if strategy == "front" else S
-            jq, jk, jv = joint_local
-            full[:, j0 : j0 + J, :hq].copy_(jq)
-            full[:, j0 : j0 + J, hq : hq + n].copy_(jk)
-            full[:, j0 : j0 + J, hq + n :].copy_(jv)
+        all_to_all(send, group, out=full[:, seq0 : seq0 + P * S_loc].view(P, 1, S_loc, width, D))
+        jq, jk, jv = joint_local
+        j0 = 0 if strategy == "front" else S
+        full[:, j0 : j0 + J, :hq].copy_(jq)
+        full[:, j0 : j0 + J, hq : hq + n].copy_(jk)
+        full[:, j0 : j0 + J, hq + n :].copy_(jv)
         buf = full[:, : S + J]
+    else:
+        # B > 1: chunks are [B, S_loc] blocks; one pass reorders them, drops the padding rows and
+        # writes the joint rows in strategy order.
+        jq, jk, jv = (_rows(t) for t in joint_local) if joint_local is not None else (None, None, None)
+        buf = pack_ops.unpack_qkv(all_to_all(send, group), S, jq, jk, jv, strategy == "front")
     return buf[:, :, :hq], buf[:, :, hq : hq + n], buf[:, :, hq + n :]
 
 
@@ -189,42 +185,19 @@ def pack_out(
     """Attention output (this rank's heads) -> send ``[P, B, J + S_loc, hq, D]``.
 
     Chunk r holds rank r's shard rows (zero where rank r has padding) and, in strategy order, all
-    joint rows: every rank needs the joint output of every head.
+    joint rows: every rank needs the joint output of every head. ``valid`` must describe padding
+    at the end only (checked by exchange_qkv), so rank r's rows are ``[r*S_loc, r*S_loc + valid[r])``.
     """
     B, S, hq, D = out_seq.shape
     P = plan.size
-    J = 0 if out_joint is None else out_joint.shape[1]
-    if B == 1 and J == 0 and S == P * local_len and out_seq.is_contiguous():
-        return out_seq.view(P, 1, local_len, hq, D)
-    send = new_buffer((P, B, J + local_len, hq, D), out_seq.dtype, out_seq.device)
-    seq0 = J if strategy == "front" else 0
-    j0 = 0 if strategy == "front" else local_len
-    if S == P * local_len:
-        send[:, :, seq0 : seq0 + local_len].copy_(out_seq.view(B, P, local_len, hq, D).transpose(0, 1))
-    else:
-        start = 0
-        for r in range(P):
-            n = valid[r]
-            send[r, :, seq0 : seq0 + n].copy_(out_seq[:, start : start + n])
-            send[r, :, seq0 + n : seq0 + local_len].zero_()
-            start += n
-    if out_joint is not None:
-        send[:, :, j0 : j0 + J].copy_(out_joint.unsqueeze(0).expand(P, *out_joint.shape))
-    return send
+    if B == 1 and out_joint is None and S == P * local_len and out_seq.is_contiguous():
+        return out_seq.view(P, 1, local_len, hq, D)  # already the send layout: no copy
+    return pack_ops.pack_out(_rows(out_seq), _rows(out_joint), P, local_len, strategy == "front")
 
 
 def unpack_out(recv: Tensor, plan: HeadPlan) -> Tensor:
-    """``[P, B, rows, hq, D]`` -> ``[B, rows, Hq, D]`` (padding heads dropped)."""
-    P, B, rows, hq, D = recv.shape
-    out = new_buffer((B, rows, plan.heads, D), recv.dtype, recv.device)
-    if plan.heads == P * hq:
-        out.view(B, rows, P, hq, D).copy_(recv.permute(1, 2, 0, 3, 4))
-        return out
-    for r in range(P):
-        lo, hi = plan.q_range(r)
-        if hi > lo:
-            out[:, :, lo:hi].copy_(recv[r, :, :, : hi - lo])
-    return out
+    """``[P, B, rows, hq, D]`` -> ``[B, rows, Hq, D]`` (padding heads dropped), one pass."""
+    return pack_ops.unpack_out(recv.contiguous(), plan.heads)
 
 
 @dataclass(frozen=True)

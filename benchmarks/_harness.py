@@ -1,0 +1,122 @@
+"""Shared benchmark harness: timing, a measured copy baseline, CSV + PNG output and a text table.
+
+Timing: ``warmup`` untimed calls, then the median of ``repeats`` timed calls (CUDA events on GPU,
+``time.perf_counter`` around a synchronised call on CPU). Bandwidth is always compared with a
+MEASURED device copy of the same number of bytes (``dst.copy_(src)``), never a datasheet number.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds of one call of ``fn``."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_baseline(nbytes: int, device: torch.device | str, warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds of a plain device copy of ``nbytes`` (reads nbytes, writes nbytes)."""
+    n = max(1, nbytes)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(7)
+    dst = torch.empty_like(src)
+    return time_fn(lambda: dst.copy_(src), device, warmup, repeats)
+
+
+def gbps(nbytes_moved: int, seconds: float) -> float:
+    return nbytes_moved / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+def write_csv(rows: Sequence[dict], name: str) -> Path:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.csv"
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_bars(rows: Sequence[dict], label_key: str, value_keys: Sequence[str], ylabel: str, name: str) -> Path | None:
+    """Grouped bar chart (one group per row) into benchmarks/out/<name>.png; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    labels = [str(r[label_key]) for r in rows]
+    width = 0.8 / max(1, len(value_keys))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * len(value_keys)), 4.5))
+    for i, key in enumerate(value_keys):
+        xs = [j + i * width for j in range(len(rows))]
+        ax.bar(xs, [float(r.get(key) or 0.0) for r in rows], width=width, label=key)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = OUT_DIR / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str], title: str = "") -> None:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    if title:
+        print(title)
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def environment() -> dict[str, str]:
+    """A one-line description of where a benchmark ran."""
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return {"device": dev, "threads": str(torch.get_num_threads()), "torch": torch.__version__}

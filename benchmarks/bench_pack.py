@@ -1,0 +1,284 @@
+#!/usr/bin/env python3
+"""Ulysses pack/unpack: our one-pass ops vs the peers' eager chain vs torch.compile of that chain.
+
+One rank's data movement around the all-to-all (the exchange itself is not timed; on one process
+it is emulated by the local buffer), per case ``B, S (global), H, D, P``, bf16:
+
+  pack_qkv    ours: one send buffer [P, B, S_loc, 3h, D] in one pass.
+              eager: per tensor, pad heads (H % P) + reshape + transpose + contiguous -> 3 send buffers.
+  unpack_qkv  ours: [P, B, S_loc, 3h, D] -> [B, S, 3h, D], padding rows dropped, one pass.
+              eager: per tensor, transpose + reshape + slice to S + contiguous.
+  pack_out    ours: [B, S, h, D] -> [P, B, S_loc, h, D] with zero padding rows, one pass.
+              eager: pad rows + reshape + transpose + contiguous.
+  unpack_out  ours: [P, B, S_loc, h, D] -> [B, S_loc, H, D], padding heads dropped.
+              eager: permute + reshape + slice heads + contiguous.
+
+GB/s counts bytes read + written by a single pass (the floor); ``copy GB/s`` is a measured
+``dst.copy_(src)`` of the same size. ``step`` rows (S not divisible by P, fp32): the whole Ulysses
+step of one rank, ours (exact S, maskless SDPA) vs peers (padded sequence, SDPA with a boolean mask
+over padded keys).
+
+    python benchmarks/bench_pack.py            # default sweep (a few minutes on 2 CPU cores)
+    python benchmarks/bench_pack.py --full     # every shape of the spec grid (long on CPU)
+    python benchmarks/bench_pack.py --quick    # CI smoke: tiny shapes, no torch.compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _harness as H  # noqa: E402
+from sp_kernels.ops import _dispatch  # noqa: E402
+from sp_kernels.ops import pack as pk  # noqa: E402
+
+Tensor = torch.Tensor
+
+
+# ---- the peers' eager chains (yunchang / vLLM-Omni style) ---------------------------------------
+
+
+def eager_pack_qkv(q: Tensor, k: Tensor, v: Tensor, P: int) -> list[Tensor]:
+    out = []
+    for t in (q, k, v):
+        B, S, Hh, D = t.shape
+        h = -(-Hh // P)
+        if Hh % P:
+            t = F.pad(t, (0, 0, 0, P * h - Hh))
+        out.append(t.reshape(B, S, P, h, D).transpose(0, 2).contiguous())  # [P, S, B, h, D]
+    return out
+
+
+def eager_unpack_qkv(recvs: list[Tensor], S: int) -> list[Tensor]:
+    out = []
+    for r in recvs:
+        P, S_loc, B, h, D = r.shape
+        out.append(r.permute(2, 0, 1, 3, 4).reshape(B, P * S_loc, h, D)[:, :S].contiguous())
+    return out
+
+
+def eager_pack_out(o: Tensor, P: int, L: int) -> Tensor:
+    B, S, h, D = o.shape
+    if S < P * L:
+        o = F.pad(o, (0, 0, 0, 0, 0, P * L - S))
+    return o.reshape(B, P, L, h, D).transpose(0, 1).contiguous()
+
+
+def eager_unpack_out(r: Tensor, heads: int) -> Tensor:
+    P, B, L, h, D = r.shape
+    return r.permute(1, 2, 0, 3, 4).reshape(B, L, P * h, D)[:, :, :heads].contiguous()
+
+
+# ---- implementations of ours available here ------------------------------------------------------
+
+
+def our_impls(device: torch.device) -> list[str]:
+    names = []
+    for name in _dispatch.IMPL_NAMES:
+        reason = pk._candidates("pack_qkv", device.type).get(name)
+        if reason is None:
+            names.append(name)
+    return names
+
+
+class forced:
+    def __init__(self, impl: str) -> None:
+        self.impl = impl
+
+    def __enter__(self):
+        self.prev = os.environ.get(_dispatch.IMPL_ENV)
+        os.environ[_dispatch.IMPL_ENV] = self.impl
+
+    def __exit__(self, *exc):
+        if self.prev is None:
+            os.environ.pop(_dispatch.IMPL_ENV, None)
+        else:
+            os.environ[_dispatch.IMPL_ENV] = self.prev
+
+
+# ---- one case ------------------------------------------------------------------------------------
+
+
+def bench_case(B, S, Hh, D, P, device, dtype, impls, compiled, warmup, repeats) -> list[dict]:
+    L = -(-S // P)
+    h = -(-Hh // P)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float32).to(dtype).to(device)
+    q, k, v = mk(B, L, Hh, D), mk(B, L, Hh, D), mk(B, L, Hh, D)
+    kv_index = list(range(P * h)) if Hh % P == 0 else None
+    if kv_index is None:
+        # Hq not divisible by P with MHA: pad KV heads like query heads (index of a real head for padding slots).
+        kv_index = [min(i, Hh - 1) for i in range(P * h)]
+    es = q.element_size()
+    send = pk.pack_qkv(q, k, v, P, kv_index)
+    recv_out = mk(P, B, L, h, D)
+    out_seq = mk(B, S, h, D)
+    eager_recvs = eager_pack_qkv(q, k, v, P)
+
+    work = {
+        "pack_qkv": (
+            lambda: pk.pack_qkv(q, k, v, P, kv_index),
+            lambda: eager_pack_qkv(q, k, v, P),
+            (q.numel() * 3 + send.numel()) * es,
+            (q, k, v, P),
+        ),
+        "unpack_qkv": (
+            lambda: pk.unpack_qkv(send, S),
+            lambda: eager_unpack_qkv(eager_recvs, S),
+            2 * B * S * send.shape[3] * D * es,
+            (eager_recvs, S),
+        ),
+        "pack_out": (
+            lambda: pk.pack_out(out_seq, None, P, L),
+            lambda: eager_pack_out(out_seq, P, L),
+            (out_seq.numel() + P * B * L * h * D) * es,
+            (out_seq, P, L),
+        ),
+        "unpack_out": (
+            lambda: pk.unpack_out(recv_out, Hh),
+            lambda: eager_unpack_out(recv_out, Hh),
+            2 * B * L * Hh * D * es,
+            (recv_out, Hh),
+        ),
+    }
+    rows = []
+    for op, (ours, eager, moved, args) in work.items():
+        row = {"op": op, "B": B, "S": S, "H": Hh, "D": D, "P": P, "MB_moved": moved / 1e6}
+        base = H.copy_baseline(moved // 2, device, warmup, repeats)
+        row["copy_GBps"] = H.gbps(moved, base)
+        row["eager_ms"] = H.time_fn(eager, device, warmup, repeats) * 1e3
+        for impl in impls:
+            with forced(impl):
+                t = H.time_fn(ours, device, warmup, repeats)
+            row[f"{impl}_ms"] = t * 1e3
+            row[f"{impl}_GBps"] = H.gbps(moved, t)
+        if compiled is not None:
+            try:
+                fn = compiled[op]
+                t0 = time.perf_counter()
+                fn(*args)  # first call compiles (dynamic shapes: once per op for the whole sweep)
+                row["compile_s"] = time.perf_counter() - t0
+                row["compiled_ms"] = H.time_fn(lambda fn=fn, args=args: fn(*args), device, warmup, repeats) * 1e3
+            except Exception as exc:  # report, never hide: the table says why the column is empty
+                row["compiled_ms"] = float("nan")
+                row["compile_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        best = min(row[f"{i}_ms"] for i in impls)
+        row["speedup_vs_eager"] = row["eager_ms"] / best
+        row["pct_of_copy"] = 100.0 * H.gbps(moved, best / 1e3) / row["copy_GBps"]
+        rows.append(row)
+    return rows
+
+
+def bench_step(B, S, Hh, D, P, device, warmup, repeats) -> dict:
+    """One rank's Ulysses step with S % P != 0, exchange emulated locally: ours vs peers (fp32)."""
+    L = -(-S // P)
+    h = Hh // P
+    g = torch.Generator(device="cpu").manual_seed(1)
+    mk = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    q, k, v = mk(B, L, Hh, D), mk(B, L, Hh, D), mk(B, L, Hh, D)
+    kv_index = list(range(Hh))
+
+    def ours():
+        send = pk.pack_qkv(q, k, v, P, kv_index)  # exchange emulated: recv = send
+        qkv = pk.unpack_qkv(send, S) if B > 1 else send.view(1, P * L, 3 * h, D)[:, :S]
+        qq, kk, vv = (qkv[:, :, i * h : (i + 1) * h].transpose(1, 2) for i in range(3))
+        o = F.scaled_dot_product_attention(qq, kk, vv).transpose(1, 2)
+        return pk.unpack_out(pk.pack_out(o, None, P, L), Hh)
+
+    mask = torch.zeros(P * L, dtype=torch.bool, device=device)
+    mask[:S] = True
+    mask = mask.view(1, 1, 1, P * L)  # padded keys masked out for every query
+
+    def peers():
+        recvs = eager_pack_qkv(q, k, v, P)
+        qq, kk, vv = (r.permute(2, 0, 1, 3, 4).reshape(B, P * L, h, D).transpose(1, 2) for r in recvs)
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask).transpose(1, 2)
+        return eager_unpack_out(eager_pack_out(o.contiguous(), P, L), Hh)
+
+    t_ours = H.time_fn(ours, device, warmup, repeats)
+    t_peers = H.time_fn(peers, device, warmup, repeats)
+    return {"op": "step", "B": B, "S": S, "H": Hh, "D": D, "P": P, "ours_ms": t_ours * 1e3, "peers_ms": t_peers * 1e3,
+            "speedup_vs_peers": t_peers / t_ours}  # fmt: skip
+
+
+def make_compiled() -> dict:
+    opts = {"dynamic": True}
+    return {
+        "pack_qkv": torch.compile(eager_pack_qkv, **opts),
+        "unpack_qkv": torch.compile(eager_unpack_qkv, **opts),
+        "pack_out": torch.compile(eager_pack_out, **opts),
+        "unpack_out": torch.compile(eager_unpack_out, **opts),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="tiny shapes, no compile (CI smoke, seconds)")
+    mode.add_argument("--full", action="store_true", help="the whole spec grid (slow on CPU)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--name", default="bench_pack", help="output file stem under benchmarks/out/")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    D = 128
+    if args.quick:
+        cases = [(1, 256, 4, 64, 2), (1, 257, 6, 64, 4), (2, 130, 4, 64, 2)]
+        steps = [(1, 129, 4, 64, 2)]
+        warmup, repeats = 1, 3
+    elif args.full:
+        cases = [(1, S, Hh, D, P) for S, Hh, P in itertools.product((4096, 32760, 75600, 32761), (24, 40), (2, 4, 8))]
+        cases += [(2, S, Hh, D, P) for S, Hh, P in itertools.product((4096, 32761), (24, 40), (2, 4, 8))]
+        steps = [(1, 4097, 24, D, 8), (2, 4097, 24, D, 8), (1, 8191, 24, D, 8)]
+        warmup, repeats = 2, 5
+    else:
+        cases = [
+            (1, 4096, 24, D, 2),
+            (1, 32760, 24, D, 8),
+            (1, 32761, 24, D, 8),
+            (1, 32760, 40, D, 4),
+            (1, 32761, 40, D, 8),
+            (1, 75600, 40, D, 8),
+            (2, 32761, 24, D, 4),
+            (2, 4096, 40, D, 8),
+        ]
+        steps = [(1, 4097, 24, D, 8), (2, 4097, 24, D, 8)]
+        warmup, repeats = 1, 5
+    impls = our_impls(device)
+    compiled = None if (args.quick or args.no_compile) else make_compiled()
+    env = H.environment()
+    print(f"bench_pack on {env['device']}, {env['threads']} threads, torch {env['torch']}; ours: {', '.join(impls)}")
+    rows = []
+    for B, S, Hh, Dd, P in cases:
+        rows += bench_case(B, S, Hh, Dd, P, device, dtype, impls, compiled, warmup, repeats)
+        print(f"  done B={B} S={S} H={Hh} P={P}", flush=True)
+    step_rows = [bench_step(*c, device, warmup, max(3, repeats // 2)) for c in steps]
+    csv_path = H.write_csv(rows + step_rows, args.name)
+    for r in rows:
+        r["case"] = f"{r['op']} B{r['B']} S{r['S']} H{r['H']} P{r['P']}"
+    png = H.plot_bars(rows, "case", [f"{i}_ms" for i in impls] + ["eager_ms"] + (["compiled_ms"] if compiled else []),
+                      "ms (lower is better)", args.name)  # fmt: skip
+    cols = ["op", "B", "S", "H", "P", "MB_moved", "copy_GBps", "eager_ms"] + [f"{i}_ms" for i in impls]
+    cols += (["compiled_ms"] if compiled else []) + [f"{impls[0]}_GBps", "pct_of_copy", "speedup_vs_eager"]
+    print(f"\nCSV: {csv_path}" + (f"  PNG: {png}" if png else ""))
+    if any("compile_error" in r for r in rows):
+        print("torch.compile errors:", {r["compile_error"] for r in rows if "compile_error" in r})
+    H.print_table(step_rows, ["op", "B", "S", "H", "P", "ours_ms", "peers_ms", "speedup_vs_peers"], "\nUlysses step")
+    H.print_table(rows, cols, "\npack/unpack (bf16, D=128)")
+    bad = [r for r in rows if not math.isfinite(r["speedup_vs_eager"])]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

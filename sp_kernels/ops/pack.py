@@ -1,0 +1,406 @@
+"""Ulysses pack/unpack: the all-to-all send/receive layouts of q/k/v and of the attention output,
+each written in one pass (each output byte once; each input byte once, KV heads replicated for
+GQA/MQA read once per destination that needs them).
+
+Shapes (P = Ulysses group size, hq = ceil(Hq / P) query heads per rank, nkv KV heads per rank,
+W = hq + 2 * nkv):
+
+* ``pack_qkv(q, k, v, world_size, kv_index)``: q ``[B, S_loc, Hq, D]``, k/v ``[B, S_loc, Hkv, D]`` ->
+  ONE send buffer ``[P, B, S_loc, W, D]``; chunk r holds rank r's query heads (zero padding heads
+  past Hq) then its KV heads ``kv_index[r*nkv:(r+1)*nkv]`` of k, then of v.
+* ``unpack_qkv(recv, seq_len, joint_q, joint_k, joint_v, joint_front)``: received
+  ``[P, B, S_loc, W, D]`` -> ``[B, seq_len (+ J), W, D]``: the first ``seq_len`` rows of the
+  rank-ordered concatenation (padding is at the end of the sequence, so the dropped rows are exactly
+  the auto_pad rows), plus the J joint rows (``joint_q [B, J, hq, D]``, ``joint_k/v [B, J, nkv, D]``)
+  before ("front") or after ("rear") them.
+* ``pack_out(out_seq, out_joint, world_size, local_len, joint_front)``: ``[B, S, hq, D]`` (+ joint
+  ``[B, J, hq, D]``) -> ``[P, B, J + local_len, hq, D]``; chunk r holds sequence rows
+  ``[r*local_len, (r+1)*local_len)`` (zero past S) and every joint row, in strategy order.
+* ``unpack_out(recv, heads)``: ``[P, B, rows, hq, D]`` -> ``[B, rows, heads, D]``, padding heads dropped.
+
+Inputs of type ``[B, rows, heads, D]`` may have any batch/row strides (slices of a bigger buffer)
+but need contiguous ``[heads, D]`` rows; ``recv`` buffers must be contiguous. Dtypes: float32,
+float64, float16, bfloat16 (a pure copy: bits are moved, never converted).
+
+Implementations: ``native`` (C++ CPU / CUDA kernels in csrc/, schema in csrc/ops.cpp), ``triton``
+(sp_kernels/triton/pack.py; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``torch``
+(the reference below, a few strided copies). The native ops have fake impls for torch.compile but
+no autograd formula: the sequence-parallel backends are forward-only, and a call that needs
+gradients takes the (differentiable) torch implementation.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from .. import _ext
+from ._dispatch import select_impl
+
+Tensor = torch.Tensor
+
+OPS = ("pack_qkv", "unpack_qkv", "pack_out", "unpack_out")
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+MAX_KV_INDEX = 256  # kMaxKvIndex in pack_index.h: the table travels as a CUDA kernel parameter
+
+
+# ---- validation (before any launch; messages name the argument) -------------------------------
+
+
+def _check_tensor(op: str, name: str, t: object) -> Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise ValueError(f"{op}: unsupported dtype {t.dtype} for {name} of shape {tuple(t.shape)} (supported: {names})")
+    return t
+
+
+def _check_bshd(op: str, name: str, t: object) -> Tensor:
+    t = _check_tensor(op, name, t)
+    if t.dim() != 4:
+        raise ValueError(f"{op}: {name} must be [batch, seq, heads, head_dim] (4 dims), got shape {tuple(t.shape)}")
+    D = t.shape[3]
+    if (t.shape[3] > 1 and t.stride(3) != 1) or (t.shape[2] > 1 and t.stride(2) != D):
+        raise ValueError(
+            f"{op}: {name} must have contiguous [heads, head_dim] rows (strides (*, *, {D}, 1)), got strides "
+            f"{t.stride()} for shape {tuple(t.shape)}; call .contiguous() first"
+        )
+    return t
+
+
+def _check_recv(op: str, t: object) -> Tensor:
+    t = _check_tensor(op, "recv", t)
+    if t.dim() != 5:
+        raise ValueError(f"{op}: recv must have 5 dims [P, B, rows, heads, head_dim], got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: recv must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+    return t
+
+
+def _check_like(op: str, name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+
+
+def _check_int(op: str, name: str, value: object, minimum: int) -> int:
+    if not isinstance(value, (int, torch.SymInt)) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _validate_pack_qkv(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index) -> list[int]:
+    op = "pack_qkv"
+    q, k, v = _check_bshd(op, "q", q), _check_bshd(op, "k", k), _check_bshd(op, "v", v)
+    _check_like(op, "k", k, q, "q")
+    _check_like(op, "v", v, q, "q")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]):
+        raise ValueError(f"{op}: k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch, seq and head_dim")
+    if q.shape[2] < 1:
+        raise ValueError(f"{op}: q must have at least one head, got shape {tuple(q.shape)}")
+    P = _check_int(op, "world_size", world_size, 1)
+    index = [int(i) for i in kv_index]
+    if len(index) < P or len(index) % P:
+        raise ValueError(f"{op}: kv_index must hold world_size * nkv >= {P} entries (a multiple of {P}), got {len(index)}")
+    if len(index) > MAX_KV_INDEX:
+        raise ValueError(f"{op}: kv_index holds {len(index)} entries, more than the supported {MAX_KV_INDEX}")
+    bad = [i for i in index if not 0 <= i < k.shape[2]]
+    if bad:
+        raise ValueError(f"{op}: kv_index entries {bad} are out of range for {k.shape[2]} key/value heads")
+    return index
+
+
+def _validate_unpack_qkv(recv: Tensor, seq_len: int, joint_q, joint_k, joint_v) -> None:
+    op = "unpack_qkv"
+    recv = _check_recv(op, recv)
+    P, B, S_loc, W, D = recv.shape
+    _check_int(op, "seq_len", seq_len, 0)
+    if seq_len > P * S_loc:
+        raise ValueError(
+            f"{op}: seq_len ({seq_len}) exceeds the padded length P * S_loc = {P} * {S_loc} = {P * S_loc} of recv"
+        )
+    given = [j is not None for j in (joint_q, joint_k, joint_v)]
+    if any(given) and not all(given):
+        raise ValueError(f"{op}: joint_q, joint_k and joint_v must be given together")
+    if not any(given):
+        return
+    jq, jk, jv = (_check_bshd(op, n, t) for n, t in (("joint_q", joint_q), ("joint_k", joint_k), ("joint_v", joint_v)))
+    for name, t in (("joint_q", jq), ("joint_k", jk), ("joint_v", jv)):
+        _check_like(op, name, t, recv, "recv")
+    if jk.shape != jv.shape:
+        raise ValueError(f"{op}: joint_k {tuple(jk.shape)} and joint_v {tuple(jv.shape)} must have the same shape")
+    if jq.shape[0] != B or jk.shape[0] != B or jq.shape[1] != jk.shape[1] or jq.shape[3] != D or jk.shape[3] != D:
+        raise ValueError(
+            f"{op}: joint_q {tuple(jq.shape)} and joint_k {tuple(jk.shape)} must be [B={B}, J, heads, D={D}] "
+            "with the same J"
+        )
+    if jq.shape[2] + 2 * jk.shape[2] != W:
+        raise ValueError(
+            f"{op}: joint heads (q {jq.shape[2]} + 2 * kv {jk.shape[2]}) must equal recv's head slots {W}"
+        )
+
+
+def _validate_pack_out(out_seq: Tensor, out_joint, world_size: int, local_len: int) -> None:
+    op = "pack_out"
+    out_seq = _check_bshd(op, "out_seq", out_seq)
+    P = _check_int(op, "world_size", world_size, 1)
+    L = _check_int(op, "local_len", local_len, 0)
+    if out_seq.shape[1] > P * L:
+        raise ValueError(
+            f"{op}: out_seq has {out_seq.shape[1]} rows, more than the padded length world_size * local_len = "
+            f"{P} * {L} = {P * L}"
+        )
+    if out_joint is not None:
+        j = _check_bshd(op, "out_joint", out_joint)
+        _check_like(op, "out_joint", j, out_seq, "out_seq")
+        if (j.shape[0], j.shape[2], j.shape[3]) != (out_seq.shape[0], out_seq.shape[2], out_seq.shape[3]):
+            raise ValueError(
+                f"{op}: out_joint {tuple(j.shape)} must match out_seq {tuple(out_seq.shape)} in batch, heads and head_dim"
+            )
+
+
+def _validate_unpack_out(recv: Tensor, heads: int) -> None:
+    op = "unpack_out"
+    recv = _check_recv(op, recv)
+    P, hq = recv.shape[0], recv.shape[3]
+    _check_int(op, "heads", heads, 1)
+    if -(-heads // P) != hq:
+        raise ValueError(f"{op}: heads must satisfy ceil(heads / P) == hq (P = {P}, hq = {hq}), got heads = {heads}")
+
+
+# ---- torch implementation (the reference; also the differentiable path) -----------------------
+
+
+def pack_qkv_torch(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index: list[int]) -> Tensor:
+    B, S, Hq, D = q.shape
+    P = world_size
+    hq, nkv = -(-Hq // P), len(kv_index) // P
+    send = q.new_empty((P, B, S, hq + 2 * nkv, D))
+    if Hq == P * hq:
+        send[..., :hq, :].copy_(q.view(B, S, P, hq, D).permute(2, 0, 1, 3, 4))
+    else:
+        for r in range(P):
+            lo, hi = min(Hq, r * hq), min(Hq, (r + 1) * hq)
+            send[r, :, :, : hi - lo].copy_(q[:, :, lo:hi])
+            send[r, :, :, hi - lo : hq].zero_()
+    identity = kv_index == list(range(k.shape[2]))
+    for slot, src in ((hq, k), (hq + nkv, v)):
+        picked = src if identity else src[:, :, kv_index]
+        send[..., slot : slot + nkv, :].copy_(picked.view(B, S, P, nkv, D).permute(2, 0, 1, 3, 4))
+    return send
+
+
+def unpack_qkv_torch(
+    recv: Tensor, seq_len: int, joint_q: Tensor | None, joint_k: Tensor | None, joint_v: Tensor | None, joint_front: bool
+) -> Tensor:
+    P, B, S_loc, W, D = recv.shape
+    J = 0 if joint_q is None else joint_q.shape[1]
+    out = recv.new_empty((B, seq_len + J, W, D))
+    seq0, j0 = (J, 0) if joint_front else (0, seq_len)
+    seq = recv.transpose(0, 1).reshape(B, P * S_loc, W, D)[:, :seq_len]
+    out[:, seq0 : seq0 + seq_len].copy_(seq)
+    if J:
+        hq, nkv = joint_q.shape[2], joint_k.shape[2]
+        out[:, j0 : j0 + J, :hq].copy_(joint_q)
+        out[:, j0 : j0 + J, hq : hq + nkv].copy_(joint_k)
+        out[:, j0 : j0 + J, hq + nkv :].copy_(joint_v)
+    return out
+
+
+def pack_out_torch(
+    out_seq: Tensor, out_joint: Tensor | None, world_size: int, local_len: int, joint_front: bool
+) -> Tensor:
+    B, S, hq, D = out_seq.shape
+    P, L = world_size, local_len
+    J = 0 if out_joint is None else out_joint.shape[1]
+    send = out_seq.new_empty((P, B, J + L, hq, D))
+    seq0, j0 = (J, 0) if joint_front else (0, L)
+    if S == P * L:
+        send[:, :, seq0 : seq0 + L].copy_(out_seq.view(B, P, L, hq, D).transpose(0, 1))
+    else:
+        for r in range(P):
+            n = max(0, min(L, S - r * L))
+            send[r, :, seq0 : seq0 + n].copy_(out_seq[:, r * L : r * L + n])
+            send[r, :, seq0 + n : seq0 + L].zero_()
+    if J:
+        send[:, :, j0 : j0 + J].copy_(out_joint.unsqueeze(0).expand(P, *out_joint.shape))
+    return send
+
+
+def unpack_out_torch(recv: Tensor, heads: int) -> Tensor:
+    P, B, R, hq, D = recv.shape
+    out = recv.new_empty((B, R, heads, D))
+    if heads == P * hq:
+        out.view(B, R, P, hq, D).copy_(recv.permute(1, 2, 0, 3, 4))
+        return out
+    for r in range(P):
+        lo, hi = min(heads, r * hq), min(heads, (r + 1) * hq)
+        if hi > lo:
+            out[:, :, lo:hi].copy_(recv[r, :, :, : hi - lo])
+    return out
+
+
+# ---- dispatch ----------------------------------------------------------------------------------
+
+
+def _triton_reason(device_type: str) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None
+    return f"triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not on {device_type!r}"
+
+
+def _candidates(op: str, device_type: str) -> dict[str, str | None]:
+    if _ext.has_native_kernel(op, device_type):
+        native = None
+    elif not _ext.load():
+        native = f"the native extension sp_kernels._C is not available ({_ext.native_error()})"
+    else:
+        native = f"the native extension has no {op} kernel for device type {device_type!r}"
+    return {"native": native, "triton": _triton_reason(device_type), "torch": None}
+
+
+@torch.compiler.assume_constant_result
+def _impl_for(op: str, device_type: str) -> str:
+    # A constant for torch.compile (see shard_pad._impl_for).
+    return select_impl(op, device_type, _candidates(op, device_type))
+
+
+def _choose(op: str, device: torch.device, tensors: tuple[Tensor | None, ...]) -> str:
+    # The native and triton kernels have no backward; the SP backends are forward-only, but a caller
+    # that differentiates through these copies still gets correct gradients from the torch path.
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return "torch"
+    return _impl_for(op, device.type)
+
+
+def _triton():
+    from ..triton import pack as triton_pack
+
+    return triton_pack
+
+
+@functools.lru_cache(maxsize=64)
+def _kv_index_tensor(index: tuple[int, ...], device: torch.device) -> Tensor:
+    # The triton kernel reads the KV table from device memory: built once per (table, device).
+    return torch.tensor(index, dtype=torch.int32, device=device)
+
+
+# ---- public faces -----------------------------------------------------------------------------
+
+
+def pack_qkv(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index) -> Tensor:
+    """q ``[B, S_loc, Hq, D]``, k/v ``[B, S_loc, Hkv, D]`` -> send ``[P, B, S_loc, hq + 2*nkv, D]``.
+
+    ``kv_index``: the ``P * nkv`` global KV heads in chunk order (``HeadPlan.kv_index``, or
+    ``range(Hkv)`` when each rank takes ``Hkv / P`` consecutive heads).
+    """
+    index = _validate_pack_qkv(q, k, v, world_size, kv_index)
+    impl = _choose("pack_qkv", q.device, (q, k, v))
+    if impl == "native":
+        return torch.ops.sp_kernels.pack_qkv.default(q, k, v, world_size, index)
+    if impl == "triton":
+        return _triton().pack_qkv(q, k, v, world_size, _kv_index_tensor(tuple(index), q.device))
+    return pack_qkv_torch(q, k, v, world_size, index)
+
+
+def unpack_qkv(
+    recv: Tensor,
+    seq_len: int,
+    joint_q: Tensor | None = None,
+    joint_k: Tensor | None = None,
+    joint_v: Tensor | None = None,
+    joint_front: bool = True,
+) -> Tensor:
+    """Received ``[P, B, S_loc, W, D]`` -> ``[B, seq_len (+ J), W, D]``, padding rows dropped,
+    joint rows (if given) before ("front") or after the sequence rows."""
+    _validate_unpack_qkv(recv, seq_len, joint_q, joint_k, joint_v)
+    impl = _choose("unpack_qkv", recv.device, (recv, joint_q, joint_k, joint_v))
+    if impl == "native":
+        return torch.ops.sp_kernels.unpack_qkv.default(recv, seq_len, joint_q, joint_k, joint_v, bool(joint_front))
+    if impl == "triton":
+        return _triton().unpack_qkv(recv, seq_len, joint_q, joint_k, joint_v, bool(joint_front))
+    return unpack_qkv_torch(recv, seq_len, joint_q, joint_k, joint_v, bool(joint_front))
+
+
+def pack_out(
+    out_seq: Tensor, out_joint: Tensor | None, world_size: int, local_len: int, joint_front: bool = True
+) -> Tensor:
+    """Attention output ``[B, S, hq, D]`` (+ joint ``[B, J, hq, D]``) -> send ``[P, B, J + local_len, hq, D]``,
+    zero rows where a rank holds padding."""
+    _validate_pack_out(out_seq, out_joint, world_size, local_len)
+    impl = _choose("pack_out", out_seq.device, (out_seq, out_joint))
+    if impl == "native":
+        return torch.ops.sp_kernels.pack_out.default(out_seq, out_joint, world_size, local_len, bool(joint_front))
+    if impl == "triton":
+        return _triton().pack_out(out_seq, out_joint, world_size, local_len, bool(joint_front))
+    return pack_out_torch(out_seq, out_joint, world_size, local_len, bool(joint_front))
+
+
+def unpack_out(recv: Tensor, heads: int) -> Tensor:
+    """Received ``[P, B, rows, hq, D]`` -> ``[B, rows, heads, D]`` (padding heads dropped)."""
+    _validate_unpack_out(recv, heads)
+    impl = _choose("unpack_out", recv.device, (recv,))
+    if impl == "native":
+        return torch.ops.sp_kernels.unpack_out.default(recv, heads)
+    if impl == "triton":
+        return _triton().unpack_out(recv, heads)
+    return unpack_out_torch(recv, heads)
+
+
+# ---- torch.library registration of the native ops ----------------------------------------------
+
+
+def _pack_qkv_fake(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index: list[int]) -> Tensor:
+    torch._check(world_size >= 1, lambda: f"pack_qkv: world_size must be >= 1, got {world_size}")
+    torch._check(len(kv_index) % world_size == 0, lambda: "pack_qkv: kv_index must hold world_size * nkv entries")
+    B, S, Hq, D = q.shape
+    hq = (Hq + world_size - 1) // world_size
+    return q.new_empty((world_size, B, S, hq + 2 * (len(kv_index) // world_size), D))
+
+
+def _unpack_qkv_fake(recv, seq_len, joint_q, joint_k, joint_v, joint_front) -> Tensor:
+    P, B, S_loc, W, D = recv.shape
+    torch._check(seq_len <= P * S_loc, lambda: f"unpack_qkv: seq_len ({seq_len}) exceeds P * S_loc")
+    J = 0 if joint_q is None else joint_q.shape[1]
+    return recv.new_empty((B, seq_len + J, W, D))
+
+
+def _pack_out_fake(out_seq, out_joint, world_size, local_len, joint_front) -> Tensor:
+    B, S, hq, D = out_seq.shape
+    torch._check(S <= world_size * local_len, lambda: "pack_out: out_seq has more rows than world_size * local_len")
+    J = 0 if out_joint is None else out_joint.shape[1]
+    return out_seq.new_empty((world_size, B, J + local_len, hq, D))
+
+
+def _unpack_out_fake(recv, heads) -> Tensor:
+    P, B, R, hq, D = recv.shape
+    return recv.new_empty((B, R, heads, D))
+
+
+def _register_native_ops() -> bool:
+    if not (_ext.load() and all(hasattr(torch.ops.sp_kernels, op) for op in OPS)):
+        return False
+    for op, fake in (
+        ("pack_qkv", _pack_qkv_fake),
+        ("unpack_qkv", _unpack_qkv_fake),
+        ("pack_out", _pack_out_fake),
+        ("unpack_out", _unpack_out_fake),
+    ):
+        torch.library.register_fake(f"sp_kernels::{op}", fake)
+    return True
+
+
+NATIVE_OPS_REGISTERED = _register_native_ops()
