@@ -12,6 +12,16 @@ TORCH_LIBRARY(sp_kernels, m) {
   // y = x rows [start, start + length) along dim; rows past x's end are pad_value. New contiguous tensor.
   m.def("shard_pad(Tensor x, int dim, int start, int length, float pad_value) -> Tensor");
 
+  // LSE merge of partial attention results (csrc/include/sp_kernels/merge.h has the contract).
+  // Outputs [B, S, H, D] (stride 1 over D), lse [B, H, S] fp32; accumulators fp32.
+  m.set_python_module("sp_kernels.ops.merge");
+  m.def("lse_merge_(Tensor(a!) acc_out, Tensor(b!) acc_lse, Tensor block_out, Tensor block_lse) -> ()");
+  m.def(
+      "lse_merge_out(Tensor acc_out, Tensor acc_lse, Tensor block_out, Tensor block_lse, Tensor(a!) out, "
+      "Tensor(b!) lse) -> ()");
+  m.def("lse_merge_all(Tensor[] outs, Tensor[] lses, ScalarType out_dtype) -> (Tensor, Tensor)");
+  m.def("lse_merge_all_out(Tensor[] outs, Tensor[] lses, Tensor(a!) out, Tensor(b!) lse) -> ()");
+
   // Ulysses pack/unpack (layouts in csrc/include/sp_kernels/pack_index.h). Each returns a new
   // contiguous tensor written in one pass; padding heads/rows are zero, dropped rows never copied.
   m.set_python_module("sp_kernels.ops.pack");

@@ -1,0 +1,410 @@
+"""LSE merge of partial attention results over disjoint key blocks.
+
+For the same queries attended to blocks a and b, with outputs ``out_*`` ``[B, S, H, D]`` and
+log-sum-exps ``lse_*`` ``[B, H, S]``::
+
+    lse = hi + log1p(exp(lo - hi))            hi/lo = max/min(lse_a, lse_b)
+    out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
+
+in fp32. A row whose parts are all ``-inf`` (no keys in any block) gets ``lse = -inf`` and
+``out = 0``, never NaN; an empty block merged with a real one leaves the real one unchanged.
+
+Ops (schemas in csrc/ops.cpp, contract in csrc/include/sp_kernels/merge.h):
+
+- ``lse_merge_(acc_out, acc_lse, block_out, block_lse)``: per-step merge, in place into the fp32
+  accumulator.
+- ``lse_merge_out(acc_out, acc_lse, block_out, block_lse, out, lse)``: the same merge written into
+  ``out`` (fp32/fp16/bf16) instead: the ring's last step writes its final output directly, saving
+  the separate fp32 -> bf16 conversion pass.
+- ``lse_merge_all(outs, lses, out_dtype)`` / ``lse_merge_all_out(outs, lses, out, lse)``: W-way
+  merge of W partial results in one pass (max over W first), written in the requested dtype.
+
+Inputs may have any strides over B, S, H (what attention kernels produce); head_dim must have
+stride 1. Implementations: native C++ (CPU) / CUDA, Triton (CUDA, or CPU under
+``TRITON_INTERPRET=1``), and pure torch (``lse_merge_torch_``/``lse_merge_all_torch``: the eager
+log1p merge, also the reference the others are tested against). ``SP_KERNELS_IMPL`` forces one.
+No autograd: the merge serves the forward-only sequence-parallel backends; attn/merge.py uses the
+torch implementation when gradients are needed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .. import _ext
+from ._dispatch import select_impl
+
+Tensor = torch.Tensor
+
+OPS = ("lse_merge_", "lse_merge_out", "lse_merge_all", "lse_merge_all_out")
+VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch implementation (the eager log1p merge; dtype-generic, also serves fp64 and autograd)
+# ---------------------------------------------------------------------------------------------
+
+
+def _weights(lse_part: Tensor, lse_total: Tensor) -> Tensor:
+    # Where the total is -inf every part is -inf too: subtract 0 there so exp gives 0, not NaN.
+    safe_total = lse_total.masked_fill(lse_total == _NEG_INF, 0.0)
+    return torch.exp(lse_part - safe_total).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+
+
+def merged_lse(lse_a: Tensor, lse_b: Tensor) -> Tensor:
+    """``max + log1p(exp(min - max))``, -inf safe."""
+    hi = torch.maximum(lse_a, lse_b)
+    lo = torch.minimum(lse_a, lse_b)
+    return hi + torch.log1p(torch.exp(lo - hi.masked_fill(hi == _NEG_INF, 0.0)))
+
+
+def lse_merge_out_torch(
+    acc_out: Tensor, acc_lse: Tensor, block_out: Tensor, block_lse: Tensor, out: Tensor, lse: Tensor
+) -> None:
+    """Eager merge of (acc, block) written into (out, lse); ``out`` may be ``acc_out`` (in place)."""
+    total = merged_lse(acc_lse, block_lse)
+    merged = acc_out * _weights(acc_lse, total)
+    merged.addcmul_(block_out, _weights(block_lse, total))
+    out.copy_(merged)
+    lse.copy_(total)
+
+
+def lse_merge_torch_(acc_out: Tensor, acc_lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """Eager in-place merge: ``acc_out`` scaled and accumulated in place (no temporary of its size)."""
+    total = merged_lse(acc_lse, block_lse)
+    acc_out.mul_(_weights(acc_lse, total))
+    acc_out.addcmul_(block_out, _weights(block_lse, total))
+    acc_lse.copy_(total)
+
+
+def lse_merge_all_torch(
+    outs: Sequence[Tensor], lses: Sequence[Tensor], out_dtype: torch.dtype, acc_dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """Eager W-way merge: fold the parts in list order into an ``acc_dtype`` accumulator."""
+    acc_out = outs[0].to(acc_dtype, copy=True)
+    acc_lse = lses[0].to(acc_dtype, copy=True)
+    # Rows with no keys anywhere are 0 for every W, W = 1 included (a fold would keep part 0's values).
+    acc_out.mul_(_weights(acc_lse, acc_lse))
+    for o, lse in zip(outs[1:], lses[1:]):
+        lse_merge_torch_(acc_out, acc_lse, o, lse)
+    return acc_out.to(out_dtype), acc_lse
+
+
+# ---------------------------------------------------------------------------------------------
+# validation (before any launch; messages name the argument)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_tensor(op: str, name: str, t: object) -> Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_out(op: str, name: str, t: Tensor, shape: tuple[int, ...] | None, like: str, fp32: bool) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"{op}: {name} must be 4-D [B, S, H, D], got shape {tuple(t.shape)}")
+    if fp32 and t.dtype != torch.float32:
+        raise ValueError(f"{op}: {name} must be float32 (the fp32 accumulator), got {t.dtype}")
+    if not fp32 and t.dtype not in VALUE_DTYPES:
+        raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {list(shape)} like {like}, got {list(t.shape)}")
+    if t.size(3) > 1 and t.stride(3) != 1:
+        raise ValueError(
+            f"{op}: {name} must have stride 1 in its last (head_dim) dimension, got strides {tuple(t.stride())}"
+        )
+
+
+def _check_lse(op: str, name: str, t: Tensor, shape: tuple[int, ...], like: str) -> None:
+    if t.dtype != torch.float32:
+        raise ValueError(f"{op}: {name} must be float32, got {t.dtype}")
+    B, S, H, _ = shape
+    if tuple(t.shape) != (B, H, S):
+        raise ValueError(f"{op}: {name} must have shape [B, H, S] = {[B, H, S]} to match {like}, got {list(t.shape)}")
+
+
+def _check_device(op: str, name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_writable(op: str, name: str, t: Tensor) -> None:
+    if torch._debug_has_internal_overlap(t) == 1:
+        raise ValueError(f"{op}: {name} has overlapping elements (an expanded or broadcast view) and cannot be written")
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    # Same storage: compare the byte extents each view touches (conservative, as at::assert_no_overlap).
+    def extent(t: Tensor) -> tuple[int, int]:
+        lo = t.storage_offset() * t.element_size()
+        span = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+        return lo, lo + (span + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_no_overlap(op: str, pairs: Sequence[tuple[str, Tensor, str, Tensor]]) -> None:
+    for na, a, nb, b in pairs:
+        if _overlaps(a, b):
+            raise ValueError(f"{op}: {na} and {nb} overlap in memory; the merge reads one while writing the other")
+
+
+def _validate_pair(
+    op: str,
+    acc_out: Tensor,
+    acc_lse: Tensor,
+    block_out: Tensor,
+    block_lse: Tensor,
+    out: Tensor | None,
+    lse: Tensor | None,
+) -> None:
+    for name, t in (("acc_out", acc_out), ("acc_lse", acc_lse), ("block_out", block_out), ("block_lse", block_lse)):
+        _check_tensor(op, name, t)
+    _check_out(op, "acc_out", acc_out, None, "", fp32=True)
+    shape = tuple(acc_out.shape)
+    _check_lse(op, "acc_lse", acc_lse, shape, "acc_out")
+    _check_out(op, "block_out", block_out, shape, "acc_out", fp32=False)
+    _check_lse(op, "block_lse", block_lse, shape, "acc_out")
+    for name, t in (("acc_lse", acc_lse), ("block_out", block_out), ("block_lse", block_lse)):
+        _check_device(op, name, t, acc_out, "acc_out")
+    if out is None or lse is None:
+        _check_no_overlap(
+            op,
+            [
+                ("acc_out", acc_out, "block_out", block_out),
+                ("acc_lse", acc_lse, "block_lse", block_lse),
+                ("acc_out", acc_out, "acc_lse", acc_lse),
+            ],
+        )
+        _check_writable(op, "acc_out", acc_out)
+        _check_writable(op, "acc_lse", acc_lse)
+        return
+    _check_tensor(op, "out", out)
+    _check_tensor(op, "lse", lse)
+    _check_out(op, "out", out, shape, "acc_out", fp32=False)
+    _check_lse(op, "lse", lse, shape, "acc_out")
+    _check_device(op, "out", out, acc_out, "acc_out")
+    _check_device(op, "lse", lse, acc_out, "acc_out")
+    _check_no_overlap(
+        op,
+        [
+            ("out", out, "acc_out", acc_out),
+            ("out", out, "block_out", block_out),
+            ("lse", lse, "acc_lse", acc_lse),
+            ("lse", lse, "block_lse", block_lse),
+            ("out", out, "lse", lse),
+        ],
+    )
+    _check_writable(op, "out", out)
+    _check_writable(op, "lse", lse)
+
+
+def _as_parts(op: str, name: str, parts: Sequence[Tensor] | Tensor, dim: int) -> list[Tensor]:
+    if isinstance(parts, torch.Tensor):
+        if parts.dim() != dim:
+            raise ValueError(f"{op}: {name} given as one tensor must be {dim}-D (W first), got {tuple(parts.shape)}")
+        return list(parts.unbind(0))  # views: no copy
+    if not isinstance(parts, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list of tensors or one stacked tensor, got {type(parts).__name__}")
+    return [_check_tensor(op, f"{name}[{i}]", t) for i, t in enumerate(parts)]
+
+
+def _validate_ways(op: str, outs: list[Tensor], lses: list[Tensor]) -> tuple[int, ...]:
+    if not outs:
+        raise ValueError(f"{op}: outs must hold at least one partial output, got an empty list")
+    if len(outs) != len(lses):
+        raise ValueError(f"{op}: outs and lses must have the same length, got {len(outs)} and {len(lses)}")
+    _check_out(op, "outs[0]", outs[0], None, "", fp32=False)
+    shape = tuple(outs[0].shape)
+    for i, (o, lse) in enumerate(zip(outs, lses)):
+        _check_out(op, f"outs[{i}]", o, shape, "outs[0]", fp32=False)
+        if o.dtype != outs[0].dtype:
+            raise ValueError(
+                f"{op}: outs[{i}] has dtype {o.dtype} but outs[0] has {outs[0].dtype} "
+                "(all partial outputs must share one dtype)"
+            )
+        _check_lse(op, f"lses[{i}]", lse, shape, "outs[0]")
+        _check_device(op, f"outs[{i}]", o, outs[0], "outs[0]")
+        _check_device(op, f"lses[{i}]", lse, outs[0], "outs[0]")
+    return shape
+
+
+def _validate_ways_dest(
+    op: str, outs: list[Tensor], lses: list[Tensor], shape: tuple[int, ...], out: Tensor, lse: Tensor
+):
+    _check_tensor(op, "out", out)
+    _check_tensor(op, "lse", lse)
+    _check_out(op, "out", out, shape, "outs[0]", fp32=False)
+    _check_lse(op, "lse", lse, shape, "outs[0]")
+    _check_device(op, "out", out, outs[0], "outs[0]")
+    _check_device(op, "lse", lse, outs[0], "outs[0]")
+    pairs = [("out", out, f"outs[{i}]", o) for i, o in enumerate(outs)]
+    pairs += [("lse", lse, f"lses[{i}]", x) for i, x in enumerate(lses)]
+    _check_no_overlap(op, pairs + [("out", out, "lse", lse)])
+    _check_writable(op, "out", out)
+    _check_writable(op, "lse", lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def triton_unavailable_reason(device_type: str) -> str | None:
+    """None when the Triton kernels can run on ``device_type``, else why not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken triton install is "unavailable", with the reason
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device_type == "cuda" or (device_type == "cpu" and interpret):
+        return None
+    return f"triton runs on cuda (or on cpu under TRITON_INTERPRET=1), not on {device_type!r}"
+
+
+def _candidates(device_type: str) -> dict[str, str | None]:
+    if all(_ext.has_native_kernel(name, device_type) for name in OPS):
+        native = None
+    elif not _ext.load():
+        native = f"the native extension sp_kernels._C is not available ({_ext.native_error()})"
+    else:
+        native = f"the native extension has no lse_merge kernels for device type {device_type!r}"
+    # Triton before torch on CPU only when the interpreter is on (tests); on CUDA the native kernel leads.
+    return {"native": native, "triton": triton_unavailable_reason(device_type), "torch": None}
+
+
+@torch.compiler.assume_constant_result
+def _impl_for(device_type: str) -> str:
+    # Constant for torch.compile: the dispatcher queries behind it cannot be traced.
+    return select_impl("lse_merge", device_type, _candidates(device_type))
+
+
+def _triton():
+    from ..triton import merge as triton_merge
+
+    return triton_merge
+
+
+def lse_merge_(acc_out: Tensor, acc_lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """``(acc_out, acc_lse) <- merge((acc_out, acc_lse), (block_out, block_lse))`` in place.
+
+    ``acc_out`` fp32 ``[B, S, H, D]``, ``acc_lse`` fp32 ``[B, H, S]``; ``block_out`` fp32/fp16/bf16
+    ``[B, S, H, D]``, ``block_lse`` fp32 ``[B, H, S]``. Any strides over B, S, H; head_dim stride 1.
+    """
+    op = "lse_merge_"
+    _validate_pair(op, acc_out, acc_lse, block_out, block_lse, None, None)
+    impl = _impl_for(acc_out.device.type)
+    if impl == "native":
+        torch.ops.sp_kernels.lse_merge_.default(acc_out, acc_lse, block_out, block_lse)
+    elif impl == "triton":
+        _triton().merge_pair(acc_out, acc_lse, block_out, block_lse, acc_out, acc_lse)
+    else:
+        lse_merge_torch_(acc_out, acc_lse, block_out, block_lse)
+
+
+def lse_merge_out(
+    acc_out: Tensor, acc_lse: Tensor, block_out: Tensor, block_lse: Tensor, out: Tensor, lse: Tensor
+) -> None:
+    """``(out, lse) <- merge((acc_out, acc_lse), (block_out, block_lse))``; the accumulator is not modified.
+
+    ``out`` fp32/fp16/bf16 (the final output dtype: one pass instead of merge + convert), ``lse`` fp32.
+    Destinations must not overlap the inputs.
+    """
+    op = "lse_merge_out"
+    _validate_pair(op, acc_out, acc_lse, block_out, block_lse, out, lse)
+    impl = _impl_for(acc_out.device.type)
+    if impl == "native":
+        torch.ops.sp_kernels.lse_merge_out.default(acc_out, acc_lse, block_out, block_lse, out, lse)
+    elif impl == "triton":
+        _triton().merge_pair(acc_out, acc_lse, block_out, block_lse, out, lse)
+    else:
+        lse_merge_out_torch(acc_out, acc_lse, block_out, block_lse, out, lse)
+
+
+def lse_merge_all(
+    outs: Sequence[Tensor] | Tensor,
+    lses: Sequence[Tensor] | Tensor,
+    out_dtype: torch.dtype = torch.float32,
+    *,
+    out: Tensor | None = None,
+    lse: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """W-way merge of partial results in one pass -> ``(out [B, S, H, D] in out_dtype, lse [B, H, S] fp32)``.
+
+    ``outs``: a list of W ``[B, S, H, D]`` tensors of one dtype (fp32/fp16/bf16) or one ``[W, B, S, H, D]``
+    tensor; ``lses``: W fp32 ``[B, H, S]`` or one ``[W, B, H, S]``. With ``out``/``lse`` given (both),
+    writes into them (any B/S/H strides, e.g. a slice of a larger result) and ``out_dtype`` is ignored.
+    """
+    op = "lse_merge_all"
+    out_list = _as_parts(op, "outs", outs, 5)
+    lse_list = _as_parts(op, "lses", lses, 4)
+    shape = _validate_ways(op, out_list, lse_list)
+    if (out is None) != (lse is None):
+        raise ValueError(f"{op}: give both out and lse, or neither")
+    if out is None:
+        if out_dtype not in VALUE_DTYPES:
+            raise ValueError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    else:
+        _validate_ways_dest(op, out_list, lse_list, shape, out, lse)
+    impl = _impl_for(out_list[0].device.type)
+    if impl == "native":
+        if out is None:
+            return torch.ops.sp_kernels.lse_merge_all.default(out_list, lse_list, out_dtype)
+        torch.ops.sp_kernels.lse_merge_all_out.default(out_list, lse_list, out, lse)
+        return out, lse
+    if out is None:
+        B, S, H, D = shape
+        out = out_list[0].new_empty((B, S, H, D), dtype=out_dtype)
+        lse = lse_list[0].new_empty((B, H, S))
+    if impl == "triton":
+        _triton().merge_ways(out_list, lse_list, out, lse)
+    else:
+        merged, merged_lse_ = lse_merge_all_torch(out_list, lse_list, out.dtype)
+        out.copy_(merged)
+        lse.copy_(merged_lse_)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# fake impls (torch.compile / meta)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_pair_(acc_out, acc_lse, block_out, block_lse) -> None:
+    return None
+
+
+def _fake_pair_out(acc_out, acc_lse, block_out, block_lse, out, lse) -> None:
+    return None
+
+
+def _fake_all(outs, lses, out_dtype):
+    torch._check(len(outs) > 0, lambda: "lse_merge_all: outs must hold at least one partial output")
+    B, S, H, D = outs[0].shape
+    return outs[0].new_empty((B, S, H, D), dtype=out_dtype), lses[0].new_empty((B, H, S))
+
+
+def _fake_all_out(outs, lses, out, lse) -> None:
+    return None
+
+
+def _register_native_ops() -> bool:
+    if not (_ext.load() and all(hasattr(torch.ops.sp_kernels, name) for name in OPS)):
+        return False
+    torch.library.register_fake("sp_kernels::lse_merge_", _fake_pair_)
+    torch.library.register_fake("sp_kernels::lse_merge_out", _fake_pair_out)
+    torch.library.register_fake("sp_kernels::lse_merge_all", _fake_all)
+    torch.library.register_fake("sp_kernels::lse_merge_all_out", _fake_all_out)
+    return True
+
+
+NATIVE_OP_REGISTERED = _register_native_ops()
