@@ -473,3 +473,43 @@ def test_bad_inputs_native(name, make, message):
     with pytest.raises(RuntimeError) as info:
         getattr(torch.ops.sp_kernels, name)(*make(_pair()))
     assert message in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (runs only where a GPU and the CUDA kernels exist; never on the CPU-only CI machines)
+# ---------------------------------------------------------------------------------------------
+
+CUDA_READY = torch.cuda.is_available() and _ext.has_native_kernel("lse_merge_all", "cuda")
+
+
+@pytest.mark.skipif(not CUDA_READY, reason="needs a GPU and CUDA kernels in the build")
+@pytest.mark.parametrize("impl_name", ["native", "triton"])
+@pytest.mark.parametrize("D", [128, 40, 7])
+def test_cuda_paths_and_stream(monkeypatch, impl_name, D):
+    # D = 128 and 40 take the 16-byte path (8-element steps), D = 7 and the offset view the scalar one.
+    monkeypatch.setenv("SP_KERNELS_IMPL", impl_name)
+    for dtype in PART_DTYPES:
+        for ways in (1, 2, 8, 19):
+            outs, lses = synthetic_parts(ways + D, ways, dtype, 3.0, S=37, D=D)
+            lses[0][0, 0, 0] = NEG_INF
+            want_out, want_lse = merge64(outs, lses)
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                outs_c = [o.cuda() for o in outs]
+                lses_c = [x.cuda() for x in lses]
+                out, lse = merge_mod.lse_merge_all(outs_c, lses_c, torch.float32)
+                acc, acc_lse = outs_c[0].float(), lses_c[0].clone()
+                for o, x in zip(outs_c[1:], lses_c[1:]):
+                    merge_mod.lse_merge_(acc, acc_lse, o, x)
+            stream.synchronize()
+            torch.testing.assert_close(out.double().cpu(), want_out, atol=3e-5, rtol=1e-5)
+            torch.testing.assert_close(lse.double().cpu(), want_lse, atol=3e-5, rtol=1e-6)
+            torch.testing.assert_close(acc.double().cpu(), want_out, atol=3e-5, rtol=1e-5)
+    flat = torch.randn(1 + 2 * 5 * 3 * D, device="cuda")
+    acc = flat[1:].view(2, 5, 3, D)  # misaligned by 4 bytes: the scalar path
+    acc_lse = torch.randn(2, 3, 5, device="cuda")
+    blk, blk_lse = torch.randn(2, 5, 3, D, device="cuda").bfloat16(), torch.randn(2, 3, 5, device="cuda")
+    want_out, want_lse = merge64([acc.cpu(), blk.cpu()], [acc_lse.cpu(), blk_lse.cpu()])
+    merge_mod.lse_merge_(acc, acc_lse, blk, blk_lse)
+    torch.testing.assert_close(acc.double().cpu(), want_out, atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(acc_lse.double().cpu(), want_lse, atol=3e-5, rtol=1e-6)
