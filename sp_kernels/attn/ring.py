@@ -40,6 +40,12 @@ from .call import AttentionCall, Joint
 from .local import block_attention, lse_dtype
 from .merge import merge_all, merge_into
 
+try:  # the one-pass W-way merge op; attn/merge.py's merge_all (same math) is the fallback
+    from ..ops.merge import VALUE_DTYPES as _OP_DTYPES
+    from ..ops.merge import lse_merge_all as _lse_merge_all
+except ImportError:  # pragma: no cover - builds without the merge ops
+    _OP_DTYPES, _lse_merge_all = (), None
+
 Tensor = torch.Tensor
 MERGE_MODES = ("fused", "deferred")
 _BUFFER_KEY = "ring_kv"
@@ -149,6 +155,27 @@ class _Running:
             dest.copy_(self.out)
 
 
+def merge_parts_into(parts: list[tuple[Tensor, Tensor]], dest: Tensor, acc_dtype: torch.dtype) -> None:
+    """Merge partials in list order straight into ``dest`` (one W-way pass when the fused op takes them,
+    written in dest's dtype, no fp32 intermediate); a fixed order keeps results bitwise reproducible."""
+    outs = [o for o, _ in parts]
+    fits = (
+        _lse_merge_all is not None
+        and acc_dtype == torch.float32
+        and dest.dtype in _OP_DTYPES
+        and outs[0].dtype in _OP_DTYPES
+        and all(o.dtype == outs[0].dtype for o in outs)
+        and all(lse.dtype == torch.float32 for _, lse in parts)
+        and (dest.shape[-1] <= 1 or dest.stride(-1) == 1)
+    )
+    if fits:
+        B, S, H, _ = dest.shape
+        lse = torch.empty((B, H, S), dtype=torch.float32, device=dest.device)  # small scratch (no D)
+        _lse_merge_all(outs, [lse_ for _, lse_ in parts], out=dest, lse=lse)
+    else:
+        dest.copy_(merge_all(parts, acc_dtype)[0])
+
+
 class _Deferred:
     """Keep every partial (bf16 out + fp32 lse, as the kernel returned them) and merge once at the end."""
 
@@ -165,7 +192,7 @@ class _Deferred:
         elif len(self.parts) == 1:
             dest.copy_(self.parts[0][0])
         else:
-            dest.copy_(merge_all(self.parts, self.dtype)[0])
+            merge_parts_into(self.parts, dest, self.dtype)
 
 
 def ring_core(
@@ -251,7 +278,7 @@ def ring_core(
     local.write(out_seq)
     if joint is not None and out_joint is not None:
         parts = joint_parts + [joint_by_src[s] for s in sorted(joint_by_src)]
-        out_joint.copy_(merge_all(parts, acc_dtype)[0])
+        merge_parts_into(parts, out_joint, acc_dtype)
 
 
 def run_ring(call: AttentionCall, lens: list[int], comm: RingComm | None, engine: RingEngine) -> Tensor:
