@@ -21,6 +21,9 @@ over padded keys).
     python benchmarks/bench_pack.py            # default sweep (a few minutes on 2 CPU cores)
     python benchmarks/bench_pack.py --full     # every shape of the spec grid (long on CPU)
     python benchmarks/bench_pack.py --quick    # CI smoke: tiny shapes, no torch.compile
+
+On CPU the script re-executes itself with glibc's mmap disabled (see _harness.ensure_steady_cpu_allocator)
+so that big outputs are recycled as a GPU caching allocator would; ``--malloc-as-is`` keeps the default.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ from sp_kernels.ops import _dispatch  # noqa: E402
 from sp_kernels.ops import pack as pk  # noqa: E402
 
 Tensor = torch.Tensor
+# Minimum over the repeats: this 2-core machine is shared with other jobs, and the fastest repeat is
+# the one least disturbed by them (the CSV has the same statistic for every column).
+STAT = "min"
 
 
 # ---- the peers' eager chains (yunchang / vLLM-Omni style) ---------------------------------------
@@ -125,6 +131,14 @@ def bench_case(B, S, Hh, D, P, device, dtype, impls, compiled, warmup, repeats) 
     out_seq = mk(B, S, h, D)
     eager_recvs = eager_pack_qkv(q, k, v, P)
 
+    # What the Ulysses backend runs: no unpack pass for B == 1 (the received buffer is viewed and
+    # sliced), no pack_out pass for B == 1 without padding (the output already is the send layout).
+    def ours_unpack_qkv():
+        return send.view(1, P * L, send.shape[3], D)[:, :S] if B == 1 else pk.unpack_qkv(send, S)
+
+    def ours_pack_out():
+        return out_seq.view(P, 1, L, h, D) if (B == 1 and S == P * L) else pk.pack_out(out_seq, None, P, L)
+
     work = {
         "pack_qkv": (
             lambda: pk.pack_qkv(q, k, v, P, kv_index),
@@ -133,13 +147,13 @@ def bench_case(B, S, Hh, D, P, device, dtype, impls, compiled, warmup, repeats) 
             (q, k, v, P),
         ),
         "unpack_qkv": (
-            lambda: pk.unpack_qkv(send, S),
+            ours_unpack_qkv,
             lambda: eager_unpack_qkv(eager_recvs, S),
             2 * B * S * send.shape[3] * D * es,
             (eager_recvs, S),
         ),
         "pack_out": (
-            lambda: pk.pack_out(out_seq, None, P, L),
+            ours_pack_out,
             lambda: eager_pack_out(out_seq, P, L),
             (out_seq.numel() + P * B * L * h * D) * es,
             (out_seq, P, L),
@@ -154,12 +168,12 @@ def bench_case(B, S, Hh, D, P, device, dtype, impls, compiled, warmup, repeats) 
     rows = []
     for op, (ours, eager, moved, args) in work.items():
         row = {"op": op, "B": B, "S": S, "H": Hh, "D": D, "P": P, "MB_moved": moved / 1e6}
-        base = H.copy_baseline(moved // 2, device, warmup, repeats)
+        base = H.copy_baseline(moved // 2, device, warmup, repeats, STAT)
         row["copy_GBps"] = H.gbps(moved, base)
-        row["eager_ms"] = H.time_fn(eager, device, warmup, repeats) * 1e3
+        row["eager_ms"] = H.time_fn(eager, device, warmup, repeats, STAT) * 1e3
         for impl in impls:
             with forced(impl):
-                t = H.time_fn(ours, device, warmup, repeats)
+                t = H.time_fn(ours, device, warmup, repeats, STAT)
             row[f"{impl}_ms"] = t * 1e3
             row[f"{impl}_GBps"] = H.gbps(moved, t)
         if compiled is not None:
@@ -168,11 +182,21 @@ def bench_case(B, S, Hh, D, P, device, dtype, impls, compiled, warmup, repeats) 
                 t0 = time.perf_counter()
                 fn(*args)  # first call compiles (dynamic shapes: once per op for the whole sweep)
                 row["compile_s"] = time.perf_counter() - t0
-                row["compiled_ms"] = H.time_fn(lambda fn=fn, args=args: fn(*args), device, warmup, repeats) * 1e3
+                row["compiled_ms"] = H.time_fn(lambda fn=fn, args=args: fn(*args), device, warmup, repeats, STAT) * 1e3
             except Exception as exc:  # report, never hide: the table says why the column is empty
                 row["compiled_ms"] = float("nan")
                 row["compile_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
         best = min(row[f"{i}_ms"] for i in impls)
+        if (op == "unpack_qkv" and B == 1) or (op == "pack_out" and B == 1 and S == P * L):
+            # Both sides are views here (no pass at all): ratios of microseconds of Python overhead.
+            row["path"] = "view"
+            for impl in impls:
+                row[f"{impl}_GBps"] = float("nan")
+            row["speedup_vs_eager"] = float("nan")
+            row["pct_of_copy"] = float("nan")
+            rows.append(row)
+            continue
+        row["path"] = "op"
         row["speedup_vs_eager"] = row["eager_ms"] / best
         row["pct_of_copy"] = 100.0 * H.gbps(moved, best / 1e3) / row["copy_GBps"]
         rows.append(row)
@@ -205,8 +229,8 @@ def bench_step(B, S, Hh, D, P, device, warmup, repeats) -> dict:
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask).transpose(1, 2)
         return eager_unpack_out(eager_pack_out(o.contiguous(), P, L), Hh)
 
-    t_ours = H.time_fn(ours, device, warmup, repeats)
-    t_peers = H.time_fn(peers, device, warmup, repeats)
+    t_ours = H.time_fn(ours, device, warmup, repeats, STAT)
+    t_peers = H.time_fn(peers, device, warmup, repeats, STAT)
     return {"op": "step", "B": B, "S": S, "H": Hh, "D": D, "P": P, "ours_ms": t_ours * 1e3, "peers_ms": t_peers * 1e3,
             "speedup_vs_peers": t_peers / t_ours}  # fmt: skip
 
@@ -229,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--name", default="bench_pack", help="output file stem under benchmarks/out/")
+    ap.add_argument("--malloc-as-is", action="store_true", help="do not re-exec with the steady-state malloc env")
     args = ap.parse_args(argv)
+    if argv is None and not args.malloc_as_is and torch.device(args.device).type == "cpu":
+        H.ensure_steady_cpu_allocator([str(Path(__file__).resolve()), *sys.argv[1:]])
     device = torch.device(args.device)
     dtype = torch.bfloat16
     D = 128
@@ -254,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             (2, 4096, 40, D, 8),
         ]
         steps = [(1, 4097, 24, D, 8), (2, 4097, 24, D, 8)]
-        warmup, repeats = 1, 5
+        warmup, repeats = 1, 9
     impls = our_impls(device)
     compiled = None if (args.quick or args.no_compile) else make_compiled()
     env = H.environment()
@@ -269,14 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         r["case"] = f"{r['op']} B{r['B']} S{r['S']} H{r['H']} P{r['P']}"
     png = H.plot_bars(rows, "case", [f"{i}_ms" for i in impls] + ["eager_ms"] + (["compiled_ms"] if compiled else []),
                       "ms (lower is better)", args.name)  # fmt: skip
-    cols = ["op", "B", "S", "H", "P", "MB_moved", "copy_GBps", "eager_ms"] + [f"{i}_ms" for i in impls]
+    cols = ["op", "path", "B", "S", "H", "P", "MB_moved", "copy_GBps", "eager_ms"] + [f"{i}_ms" for i in impls]
     cols += (["compiled_ms"] if compiled else []) + [f"{impls[0]}_GBps", "pct_of_copy", "speedup_vs_eager"]
     print(f"\nCSV: {csv_path}" + (f"  PNG: {png}" if png else ""))
     if any("compile_error" in r for r in rows):
         print("torch.compile errors:", {r["compile_error"] for r in rows if "compile_error" in r})
     H.print_table(step_rows, ["op", "B", "S", "H", "P", "ours_ms", "peers_ms", "speedup_vs_peers"], "\nUlysses step")
     H.print_table(rows, cols, "\npack/unpack (bf16, D=128)")
-    bad = [r for r in rows if not math.isfinite(r["speedup_vs_eager"])]
+    bad = [r for r in rows if r["path"] == "op" and not math.isfinite(r["speedup_vs_eager"])]
     return 1 if bad else 0
 
 
