@@ -70,7 +70,7 @@ REFERENCE_ENGINE = RingEngine(merge="fused", comm_stream=False)
 # fused_ring's merge mode: DEFAULT_MERGE was chosen from benchmarks/bench_ring.py (docs/performance.md);
 # the environment variable or set_default_merge() override it.
 MERGE_ENV = "SP_KERNELS_RING_MERGE"
-DEFAULT_MERGE = "fused"
+DEFAULT_MERGE = "deferred"
 _merge_override: str | None = None
 
 
