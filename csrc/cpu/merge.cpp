@@ -7,6 +7,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "sp_kernels/merge.h"
@@ -15,6 +17,23 @@
 namespace sp_kernels {
 
 namespace {
+
+// Element d of a row as float. bf16 widens by a shift of its bits, written out so the compiler
+// vectorises the row loops (c10::BFloat16's conversion operator kept them scalar: measured 1.7x slower).
+template <typename T>
+inline float load_float(const T* p, int64_t d) {
+  return static_cast<float>(p[d]);
+}
+
+template <>
+inline float load_float<c10::BFloat16>(const c10::BFloat16* p, int64_t d) {
+  uint16_t raw;
+  std::memcpy(&raw, p + d, sizeof(raw));
+  const uint32_t bits = static_cast<uint32_t>(raw) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 // Rows per task: about 64 KiB of fp32 accumulator, so B=1 with tens of thousands of rows still splits
 // across threads while each task amortises its scheduling.
@@ -48,7 +67,7 @@ void merge_pair_rows(const at::Tensor& acc_out, const at::Tensor& acc_lse, const
       const BlkT* b = blk + merge_out_offset(r, blk_st);
       OutT* o = dst + merge_out_offset(r, dst_st);
       for (int64_t d = 0; d < D; ++d) {
-        o[d] = static_cast<OutT>(a[d] * p.w_a + static_cast<float>(b[d]) * p.w_b);
+        o[d] = static_cast<OutT>(a[d] * p.w_a + load_float(b, d) * p.w_b);
       }
       d_lse[merge_lse_offset(r, d_lse_st)] = p.lse;
     }
@@ -87,13 +106,13 @@ void merge_ways_rows(const std::vector<at::Tensor>& outs, const std::vector<at::
       const float w0 = merge_weight(lse_row[0], total);
       const InT* x0 = src[0] + off;
       for (int64_t d = 0; d < D; ++d) {
-        acc[d] = static_cast<float>(x0[d]) * w0;
+        acc[d] = load_float(x0, d) * w0;
       }
       for (int i = 1; i < ways; ++i) {
         const float w = merge_weight(lse_row[i], total);
         const InT* x = src[i] + off;
         for (int64_t d = 0; d < D; ++d) {
-          acc[d] += static_cast<float>(x[d]) * w;
+          acc[d] += load_float(x, d) * w;
         }
       }
       OutT* o = dst + merge_out_offset(r, dst_st);
