@@ -356,3 +356,17 @@ def test_auto_picks_fused_ring_when_registered():
         ring.default_engine("bogus")
     with pytest.raises(ValueError, match="unknown"):
         ring.set_default_merge("bogus")
+
+
+def test_buffers_recorded_on_the_comm_stream(monkeypatch):
+    """Every call that uses the comm stream marks both receive buffers as used by it (so the caching
+    allocator keeps their memory until that stream is done), also when another engine allocated them."""
+    recorded: list = []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append((self.data_ptr(), stream)))
+    cache: dict = {}
+    a = ring.ring_buffers(cache, 16, torch.float32, torch.device("cpu"))  # reference engine: no stream
+    assert recorded == []
+    b = ring.ring_buffers(cache, 8, torch.float32, torch.device("cpu"), stream="comm")
+    assert [x.data_ptr() for x in a] == [x.data_ptr() for x in b]  # reused, not reallocated
+    assert recorded == [(a[0].data_ptr(), "comm"), (a[1].data_ptr(), "comm")]
+    assert ring.release_ring_buffers(cache) == 1 and ring.release_ring_buffers(cache) == 0

@@ -119,12 +119,13 @@ def ring_buffers(
     bufs = cache.get(key)
     if bufs is None or bufs[0].numel() < numel:
         bufs = (new_buffer((numel,), dtype, device), new_buffer((numel,), dtype, device))
-        if stream is not None:
-            # The comm stream reads/writes them: the caching allocator must not hand their memory to
-            # another tensor (once released) before that stream's last use has finished.
-            for b in bufs:
-                b.record_stream(stream)  # type: ignore[arg-type]
         cache[key] = bufs
+    if stream is not None:
+        # The comm stream reads/writes them: the caching allocator must not hand their memory to another
+        # tensor (once released) before that stream's last use has finished. Every call, not only at
+        # allocation: the reference engine may have allocated them without a stream. (Host-side only.)
+        for b in bufs:
+            b.record_stream(stream)  # type: ignore[arg-type]
     _register_release(cache)
     return bufs
 
