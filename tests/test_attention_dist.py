@@ -186,7 +186,7 @@ def _degree_errors() -> list[str]:
 
     msgs = []
     for config, backend in [((2, 2), "ring"), ((2, 2), "ulysses"), ((4, 1), "ring"), ((1, 4), "ulysses"),
-                            ((1, 4), "fused_ring"), ((2, 2), "bogus")]:
+                            ((2, 2), "fused_ring"), ((2, 2), "bogus")]:
         state = init_sequence_parallel(SequenceParallelConfig(ulysses_degree=config[0], ring_degree=config[1]))
         q = torch.randn(1, 4, 4, 8)
         with sp_forward_context(state) as ctx:
@@ -206,7 +206,7 @@ def test_degrees_that_do_not_fit(rank_pool):
         assert "needs ring_degree == 1" in msgs[1]
         assert "needs ulysses_degree == 1" in msgs[2] and "ulysses_degree=4" in msgs[2]
         assert "needs ring_degree == 1" in msgs[3]
-        assert "'fused_ring' is not registered" in msgs[4]
+        assert "needs ulysses_degree == 1" in msgs[4] and "ring_degree=2" in msgs[4]
         assert "'bogus' is unknown" in msgs[5] and "ulysses" in msgs[5]
 
 

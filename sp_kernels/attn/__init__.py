@@ -76,10 +76,6 @@ def resolve_backend(backend: str | None, state: SPState | None) -> str:
         raise ValueError(f"attention: backend={name!r} is unknown; expected one of {list(BACKEND_NAMES)}")
     if name == "auto":
         name = state.config.resolved_backend() if state is not None else "local"
-        # "auto" with ulysses_degree == 1 means fused_ring, which its own issue registers. Until it is
-        # registered the plain ring (same math, no dedicated stream or fused merge) stands in for it.
-        if name == "fused_ring" and name not in _BACKENDS:
-            name = "ring"
     return name
 
 
@@ -251,3 +247,7 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, backend={self.backend!r}, joint_strategy={self.joint_strategy!r}"
+
+
+# Registers "fused_ring" in the registry above; at the end because fused_ring imports register_backend.
+from . import fused_ring  # noqa: E402,F401
