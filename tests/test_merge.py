@@ -387,6 +387,29 @@ def test_fake_shapes():
     assert lse.shape == (2, 3, 5) and lse.dtype == torch.float32
 
 
+@pytest.mark.skipif(not NATIVE, reason=NATIVE_SKIP)
+def test_torch_compile_fullgraph(monkeypatch):
+    # aot_eager traces through the fake impls and functionalises the in-place op without Inductor's
+    # C++ compile (which would cost tens of seconds here); the result must match eager bit for bit.
+    monkeypatch.delenv("SP_KERNELS_IMPL", raising=False)
+    torch._dynamo.reset()
+
+    def f(outs, lses, acc, acc_lse, blk, blk_lse):
+        out, lse = merge_mod.lse_merge_all(outs, lses, torch.bfloat16)
+        merge_mod.lse_merge_(acc, acc_lse, blk, blk_lse)
+        return out.float() * 2, lse + 1
+
+    outs, lses = synthetic_parts(8, 3, torch.bfloat16, 2.0)
+    acc, acc_lse = synthetic_parts(9, 1, torch.float32, 2.0)
+    blk, blk_lse = synthetic_parts(10, 1, torch.float16, 2.0)
+    acc_ref, acc_lse_ref = acc[0].clone(), acc_lse[0].clone()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(outs, lses, acc[0], acc_lse[0], blk[0], blk_lse[0])
+    want = f(outs, lses, acc_ref, acc_lse_ref, blk[0], blk_lse[0])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(acc[0], acc_ref) and torch.equal(acc_lse[0], acc_lse_ref)
+    assert not torch.equal(acc_ref, synthetic_parts(9, 1, torch.float32, 2.0)[0][0]), "the merge must mutate acc"
+
+
 # ---------------------------------------------------------------------------------------------
 # bad inputs: clear errors before any launch
 # ---------------------------------------------------------------------------------------------
