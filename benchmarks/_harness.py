@@ -52,6 +52,35 @@ def time_fn(
     return min(times) if stat == "min" else statistics.median(times)
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device | str, warmup: int = 1, repeats: int = 9,
+    stat: str = "min",
+) -> dict[str, float]:
+    """Seconds per call of each function, timed round-robin (a, b, c, a, b, c, ...) so that bursts of
+    load from other jobs on a shared machine hit every column alike; then min (or median) per column."""
+    device = torch.device(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    pick = min if stat == "min" else statistics.median
+    return {name: pick(ts) for name, ts in times.items()}
+
+
 def copy_baseline(
     nbytes: int, device: torch.device | str, warmup: int = 2, repeats: int = 5, stat: str = "median"
 ) -> float:

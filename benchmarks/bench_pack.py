@@ -97,6 +97,11 @@ def our_impls(device: torch.device) -> list[str]:
     return names
 
 
+def _forced_call(impl: str, fn):
+    with forced(impl):
+        return fn()
+
+
 class forced:
     def __init__(self, impl: str) -> None:
         self.impl = impl
@@ -168,24 +173,28 @@ def bench_case(B, S, Hh, D, P, device, dtype, impls, compiled, warmup, repeats) 
     rows = []
     for op, (ours, eager, moved, args) in work.items():
         row = {"op": op, "B": B, "S": S, "H": Hh, "D": D, "P": P, "MB_moved": moved / 1e6}
-        base = H.copy_baseline(moved // 2, device, warmup, repeats, STAT)
-        row["copy_GBps"] = H.gbps(moved, base)
-        row["eager_ms"] = H.time_fn(eager, device, warmup, repeats, STAT) * 1e3
+        n = max(1, moved // 2)
+        copy_src = torch.empty(n, dtype=torch.uint8, device=device).fill_(7)
+        copy_dst = torch.empty_like(copy_src)
+        fns = {"copy": lambda d=copy_dst, s=copy_src: d.copy_(s), "eager": eager}
         for impl in impls:
-            with forced(impl):
-                t = H.time_fn(ours, device, warmup, repeats, STAT)
-            row[f"{impl}_ms"] = t * 1e3
-            row[f"{impl}_GBps"] = H.gbps(moved, t)
+            fns[impl] = lambda impl=impl, ours=ours: _forced_call(impl, ours)
         if compiled is not None:
             try:
                 fn = compiled[op]
                 t0 = time.perf_counter()
                 fn(*args)  # first call compiles (dynamic shapes: once per op for the whole sweep)
                 row["compile_s"] = time.perf_counter() - t0
-                row["compiled_ms"] = H.time_fn(lambda fn=fn, args=args: fn(*args), device, warmup, repeats, STAT) * 1e3
+                fns["compiled"] = lambda fn=fn, args=args: fn(*args)
             except Exception as exc:  # report, never hide: the table says why the column is empty
-                row["compiled_ms"] = float("nan")
                 row["compile_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        t = H.time_interleaved(fns, device, warmup, repeats, STAT)
+        row["copy_GBps"] = H.gbps(moved, t["copy"])
+        row["eager_ms"] = t["eager"] * 1e3
+        row["compiled_ms"] = t["compiled"] * 1e3 if "compiled" in t else float("nan")
+        for impl in impls:
+            row[f"{impl}_ms"] = t[impl] * 1e3
+            row[f"{impl}_GBps"] = H.gbps(moved, t[impl])
         best = min(row[f"{i}_ms"] for i in impls)
         if (op == "unpack_qkv" and B == 1) or (op == "pack_out" and B == 1 and S == P * L):
             # Both sides are views here (no pass at all): ratios of microseconds of Python overhead.
@@ -229,8 +238,8 @@ def bench_step(B, S, Hh, D, P, device, warmup, repeats) -> dict:
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask).transpose(1, 2)
         return eager_unpack_out(eager_pack_out(o.contiguous(), P, L), Hh)
 
-    t_ours = H.time_fn(ours, device, warmup, repeats, STAT)
-    t_peers = H.time_fn(peers, device, warmup, repeats, STAT)
+    t = H.time_interleaved({"ours": ours, "peers": peers}, device, warmup, repeats, STAT)
+    t_ours, t_peers = t["ours"], t["peers"]
     return {"op": "step", "B": B, "S": S, "H": Hh, "D": D, "P": P, "ours_ms": t_ours * 1e3, "peers_ms": t_peers * 1e3,
             "speedup_vs_peers": t_peers / t_ours}  # fmt: skip
 
@@ -253,11 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--name", default="bench_pack", help="output file stem under benchmarks/out/")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--malloc-as-is", action="store_true", help="do not re-exec with the steady-state malloc env")
     args = ap.parse_args(argv)
     if argv is None and not args.malloc_as_is and torch.device(args.device).type == "cpu":
         H.ensure_steady_cpu_allocator([str(Path(__file__).resolve()), *sys.argv[1:]])
     device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dtype = torch.bfloat16
     D = 128
     if args.quick:

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "sp_kernels/pack.h"
 #include "sp_kernels/pack_index.h"
@@ -50,38 +51,73 @@ at::Tensor pack_qkv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
                             static_cast<const uint8_t*>(plan.v.const_data_ptr())};
   auto* dst = static_cast<uint8_t*>(plan.out.mutable_data_ptr());
   const KvIndexTable& kv = plan.kv;
-  at::parallel_for(0, rows, grain_rows(g.W * head_bytes), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t p = r / (g.B * g.S);
-      const int64_t b = (r / g.S) % g.B;
-      const int64_t s = r % g.S;
-      uint8_t* row = dst + r * g.W * head_bytes;
-      // Query heads of rank p are consecutive in q: one copy, then zeros for the padding heads.
-      const int64_t n_real = pack_qkv_real_q_heads(g, p);
-      if (n_real > 0) {
-        const auto ref = pack_qkv_source(g, kv, p, b, s, int64_t{0});
-        std::memcpy(row, srcs[ref.which] + ref.offset * es, static_cast<size_t>(n_real * head_bytes));
-      }
-      if (n_real < g.hq) {
-        std::memset(row + n_real * head_bytes, 0, static_cast<size_t>((g.hq - n_real) * head_bytes));
-      }
-      // KV slots: merge runs of heads that are consecutive in the source (the usual, unreplicated case).
-      int64_t h = g.hq;
-      while (h < g.W) {
-        const auto ref = pack_qkv_source(g, kv, p, b, s, h);
-        int64_t n = 1;
-        while (h + n < g.W) {
-          const auto next = pack_qkv_source(g, kv, p, b, s, h + n);
-          if (next.which != ref.which || next.offset != ref.offset + n * g.Du) {
-            break;
-          }
-          ++n;
+  // The KV slots of rank p form runs of heads consecutive in k (or v); the runs do not depend on
+  // the row, so they are found once per rank here, with the shared index math at row (0, 0), and
+  // each row then costs one memcpy per run with no index arithmetic beyond two multiply-adds.
+  struct Run {
+    int which;
+    int64_t slot, head_offset, n;
+  };
+  std::vector<std::vector<Run>> runs(static_cast<size_t>(g.P));
+  for (int64_t p = 0; p < g.P; ++p) {
+    int64_t h = g.hq;
+    while (h < g.W) {
+      const auto ref = pack_qkv_source(g, kv, p, int64_t{0}, int64_t{0}, h);
+      int64_t n = 1;
+      while (h + n < g.W) {
+        const auto next = pack_qkv_source(g, kv, p, int64_t{0}, int64_t{0}, h + n);
+        if (next.which != ref.which || next.offset != ref.offset + n * g.Du) {
+          break;
         }
-        std::memcpy(row + h * head_bytes, srcs[ref.which] + ref.offset * es, static_cast<size_t>(n * head_bytes));
-        h += n;
+        ++n;
       }
+      runs[static_cast<size_t>(p)].push_back(Run{ref.which, h, ref.offset, n});
+      h += n;
     }
-  });
+  }
+  const int64_t sb[3] = {g.q_sb, g.k_sb, g.v_sb};
+  const int64_t ss[3] = {g.q_ss, g.k_ss, g.v_ss};
+  // One sweep per source (q, then k, then v) rather than all three per row: each input byte is
+  // still read once and each output byte written once, but a sweep then has a single read stream,
+  // which the CPU prefetchers follow; interleaving three strided sources per row measured about 1.4x
+  // slower than the eager chain's per-tensor copies, this order matches them.
+  for (int part = kSrcQ; part <= kSrcV; ++part) {
+    at::parallel_for(0, rows, grain_rows(g.W * head_bytes), [&](int64_t begin, int64_t end) {
+      // (p, b, s) of the first row, then advanced incrementally: no division per row.
+      int64_t p = begin / (g.B * g.S);
+      int64_t b = (begin / g.S) % g.B;
+      int64_t s = begin % g.S;
+      for (int64_t r = begin; r < end; ++r) {
+        uint8_t* row = dst + r * g.W * head_bytes;
+        if (part == kSrcQ) {
+          // Query heads of rank p are consecutive in q: one copy, then zeros for the padding heads.
+          const int64_t n_real = pack_qkv_real_q_heads(g, p);
+          if (n_real > 0) {
+            const auto ref = pack_qkv_source(g, kv, p, b, s, int64_t{0});
+            std::memcpy(row, srcs[ref.which] + ref.offset * es, static_cast<size_t>(n_real * head_bytes));
+          }
+          if (n_real < g.hq) {
+            std::memset(row + n_real * head_bytes, 0, static_cast<size_t>((g.hq - n_real) * head_bytes));
+          }
+        } else {
+          for (const Run& run : runs[static_cast<size_t>(p)]) {
+            if (run.which != part) {
+              continue;
+            }
+            const int64_t offset = b * sb[part] + s * ss[part] + run.head_offset;
+            std::memcpy(row + run.slot * head_bytes, srcs[part] + offset * es, static_cast<size_t>(run.n * head_bytes));
+          }
+        }
+        if (++s == g.S) {
+          s = 0;
+          if (++b == g.B) {
+            b = 0;
+            ++p;
+          }
+        }
+      }
+    });
+  }
   return plan.out;
 }
 
@@ -208,16 +244,16 @@ at::Tensor unpack_out_cpu(const at::Tensor& recv, int64_t heads) {
   const int64_t head_bytes = g.Du * es;
   const auto* src = static_cast<const uint8_t*>(plan.recv.const_data_ptr());
   auto* dst = static_cast<uint8_t*>(plan.out.mutable_data_ptr());
+  // Chunk p of a row sits a fixed distance after chunk 0 (the index math at (0, 0, hq)).
+  const int64_t chunk_units = g.P > 1 ? unpack_out_source(g, int64_t{0}, int64_t{0}, g.hq) : 0;
   at::parallel_for(0, g.B * g.R, grain_rows(g.Hq * head_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / g.R;
-      const int64_t t = r % g.R;
       uint8_t* out_row = dst + r * g.Hq * head_bytes;
+      const uint8_t* src_row = src + unpack_out_source(g, r / g.R, r % g.R, int64_t{0}) * es;
       // Each source chunk contributes its real heads as one contiguous run; padding heads are skipped.
-      for (int64_t h = 0; h < g.Hq; h += g.hq) {
+      for (int64_t h = 0, p = 0; h < g.Hq; h += g.hq, ++p) {
         const int64_t n = std::min(g.hq, g.Hq - h);
-        std::memcpy(out_row + h * head_bytes, src + unpack_out_source(g, b, t, h) * es,
-                    static_cast<size_t>(n * head_bytes));
+        std::memcpy(out_row + h * head_bytes, src_row + p * chunk_units * es, static_cast<size_t>(n * head_bytes));
       }
     }
   });
