@@ -187,7 +187,7 @@ def bench_overlap(args, device: torch.device, rows: list[dict]) -> None:
     q, k, v = (torch.randn(B, s, H, D, generator=gen).to(device, dtype) for _ in range(3))
     kv_bytes = 2 * k.numel() * k.element_size()
     cache: dict = {}
-    merge = ring.default_engine().merge
+    merge = ring.default_engine(device_type=device.type).merge
     null = NullComm(W, device.type)
     compute = time_interleaved({"c": lambda: ours_loop(q, k, v, W, scale, merge, null, cache)}, device,
                                args.warmup, args.repeats)["c"] / W

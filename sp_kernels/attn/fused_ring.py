@@ -15,8 +15,8 @@ unequal shards, auto_pad, joint tokens, causal), run with a ``RingEngine`` that
 On CPU/gloo the same code path runs: ``batch_isend_irecv`` returns async work handles, so the
 exchange overlaps the block attention there too. USP uses this engine for its ring part.
 
-The merge mode defaults to ``DEFAULT_MERGE`` (chosen from benchmarks/bench_ring.py, see
-docs/performance.md); ``SP_KERNELS_RING_MERGE=fused|deferred`` or ``set_default_merge`` override it.
+The merge mode defaults to ``DEFAULT_MERGE[device type]`` (fused on CPU, measured faster by
+benchmarks/bench_ring.py; deferred on CUDA, predicted faster by docs/performance.md); ``SP_KERNELS_RING_MERGE=fused|deferred`` or ``set_default_merge`` override it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def fused_ring_attention(
     call: AttentionCall, lens: list[int], comm: RingComm | None = None, *, merge: str | None = None
 ) -> Tensor:
     """The "fused_ring" backend over ``call.state.ring_group``; ``lens`` = valid rows of every ring rank."""
-    return ring.run_ring(call, lens, comm, default_engine(merge))
+    return ring.run_ring(call, lens, comm, default_engine(merge, call.query.device.type))
 
 
 def release_ring_buffers(state: SPState | None = None) -> int:

@@ -67,10 +67,11 @@ class RingEngine:
 
 REFERENCE_ENGINE = RingEngine(merge="fused", comm_stream=False)
 
-# fused_ring's merge mode: DEFAULT_MERGE was chosen from benchmarks/bench_ring.py (docs/performance.md);
-# the environment variable or set_default_merge() override it.
+# fused_ring's merge mode per device type: the faster of the two where measured (CPU: fused, 1-2% ahead
+# in benchmarks/bench_ring.py), the one the performance model predicts elsewhere (CUDA: deferred moves
+# 4-5x fewer bytes; docs/performance.md) until a GPU run measures it. Env / set_default_merge() override.
 MERGE_ENV = "SP_KERNELS_RING_MERGE"
-DEFAULT_MERGE = "deferred"
+DEFAULT_MERGE = {"cpu": "fused", "cuda": "deferred"}
 _merge_override: str | None = None
 
 
@@ -82,10 +83,11 @@ def set_default_merge(mode: str | None) -> None:
     _merge_override = mode
 
 
-def default_engine(merge: str | None = None) -> RingEngine:
+def default_engine(merge: str | None = None, device_type: str = "cuda") -> RingEngine:
     """The engine of fused_ring and of USP's ring part: comm stream on CUDA, the chosen merge mode."""
     if merge is None:
-        merge = _merge_override if _merge_override is not None else (os.environ.get(MERGE_ENV, "") or DEFAULT_MERGE)
+        merge = _merge_override if _merge_override is not None else (
+            os.environ.get(MERGE_ENV, "") or DEFAULT_MERGE.get(device_type, "deferred"))
     if merge not in MERGE_MODES:
         raise ValueError(f"fused_ring merge mode {merge!r} is unknown (see {MERGE_ENV}); expected one of {list(MERGE_MODES)}")
     return RingEngine(merge=merge, comm_stream=True)
@@ -219,7 +221,7 @@ def ring_core(
     without one, so its ring part is fused_ring.
     """
     if engine is None:
-        engine = default_engine()
+        engine = default_engine(device_type=q.device.type)
     R, rank = comm.size, comm.rank
     if len(lens) != R:
         raise ValueError(f"ring: got {len(lens)} block lengths for a ring of {R} ranks")
