@@ -15,9 +15,9 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sp_kernels import _ext
+from tests.op_utils import OpRecorder, force_impl
 
 merge_mod = importlib.import_module("sp_kernels.ops.merge")
 
@@ -322,25 +322,12 @@ def test_native_pair_matches_native_w_way_bitwise(monkeypatch):
     assert torch.equal(acc_lse, lse)
 
 
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(not NATIVE, reason=NATIVE_SKIP)
 @pytest.mark.parametrize("forced", [None, "native", "torch"])
 def test_dispatch_choice(monkeypatch, forced):
-    if forced is None:
-        monkeypatch.delenv("SP_KERNELS_IMPL", raising=False)
-    else:
-        monkeypatch.setenv("SP_KERNELS_IMPL", forced)
+    force_impl(monkeypatch, forced)
     outs, lses = synthetic_parts(1, 2, torch.float32, 1.0)
-    with _OpRecorder() as rec:
+    with OpRecorder() as rec:
         merge_mod.lse_merge_all(outs, lses)
         merge_mod.lse_merge_(outs[0], lses[0], outs[1], lses[1])
     native = [op for op in rec.ops if "sp_kernels." in op]

@@ -9,9 +9,9 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sp_kernels import _ext
+from tests.op_utils import OpRecorder, force_impl
 from tests.pack_cases import (
     OUT_CASES,
     QKV_CASES,
@@ -168,25 +168,12 @@ def test_round_trip_through_emulated_exchange(impl):
         assert (got[:, n:] == 0).all()
 
 
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(not NATIVE, reason=NATIVE_SKIP)
 @pytest.mark.parametrize("forced", [None, "native", "torch"])
 def test_dispatch_choice(monkeypatch, forced):
-    if forced is None:
-        monkeypatch.delenv("SP_KERNELS_IMPL", raising=False)
-    else:
-        monkeypatch.setenv("SP_KERNELS_IMPL", forced)
+    force_impl(monkeypatch, forced)
     q = rand((1, 4, 4, 64), torch.float32)
-    with _OpRecorder() as rec:
+    with OpRecorder() as rec:
         send = pk.pack_qkv(q, q, q, 2, [0, 1, 2, 3])
         pk.unpack_qkv(send, 7)
         pk.pack_out(q, None, 2, 2)
@@ -336,7 +323,7 @@ def test_ulysses_hot_path_uses_the_ops(monkeypatch):
     v = rand((2, 5, 2, 64), torch.float32, g)
     joint = (rand((2, 3, 4, 64), torch.float32, g), rand((2, 3, 2, 64), torch.float32, g),
              rand((2, 3, 2, 64), torch.float32, g))  # fmt: skip
-    with _OpRecorder() as rec:
+    with OpRecorder() as rec:
         send = ulysses.pack_qkv(q, k, v, plan)
         qq, kk, vv = ulysses.exchange_qkv(send, None, plan, [5], joint, "rear")
         back = ulysses.unpack_out(ulysses.pack_out(qq[:, :5], qq[:, 5:], plan, [5], 5, "rear"), plan)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sp_kernels import _ext
+from tests.op_utils import OpRecorder, force_impl
 
 # The submodule, not the function sp_kernels.ops re-exports under the same name.
 sp_mod = importlib.import_module("sp_kernels.ops.shard_pad")
@@ -190,25 +190,12 @@ def test_random_geometry(impl, shape, data, dtype):
     run_and_check(x, dim, start, length, pad_for(dtype))
 
 
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(not NATIVE, reason=NATIVE_SKIP)
 @pytest.mark.parametrize("forced", [None, "native", "torch"])
 def test_dispatch_choice(monkeypatch, forced):
-    if forced is None:
-        monkeypatch.delenv("SP_KERNELS_IMPL", raising=False)
-    else:
-        monkeypatch.setenv("SP_KERNELS_IMPL", forced)
+    force_impl(monkeypatch, forced)
     x = random_tensor((2, 6, 3), torch.float32)
-    with _OpRecorder() as rec:
+    with OpRecorder() as rec:
         sp_mod.shard_pad(x, 1, 4, 4)
     native_called = any("sp_kernels.shard_pad" in op for op in rec.ops)
     assert native_called == (forced != "torch"), rec.ops
