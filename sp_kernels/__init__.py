@@ -12,6 +12,7 @@ from .hooks import apply_sequence_parallel, is_sequence_parallel, remove_sequenc
 from .parallel_state import SequenceParallelConfig, destroy_sequence_parallel, init_sequence_parallel
 from .sp_plan import (
     SequenceParallelInput,
+    SequenceParallelJointInput,
     SequenceParallelOutput,
     SequenceParallelPartialInput,
     get_sp_plan_from_model,
@@ -27,6 +28,7 @@ __all__ = [
     "SequenceParallelInput",
     "SequenceParallelOutput",
     "SequenceParallelPartialInput",
+    "SequenceParallelJointInput",
     "apply_sequence_parallel",
     "attention",
     "build_info",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,15 +20,22 @@ from .parallel_state import SPState, get_sp_state
 class ShardLayout:
     """How one sequence was cut across the SP group.
 
-    Rank ``i`` holds ``[prefix | rows i*local_len ... (i+1)*local_len)`` of the sharded part, where
-    the sharded part has ``true_len`` real rows padded at the end to ``local_len * sp_size`` rows.
-    ``prefix_len`` rows (SequenceParallelPartialInput) are replicated on every rank.
+    Rank ``i`` holds ``[prefix | rows i*local_len ... (i+1)*local_len) | suffix]`` of the sharded
+    part, where the sharded part has ``true_len`` real rows padded at the end to
+    ``local_len * sp_size`` rows. ``prefix_len`` / ``suffix_len`` rows are replicated on every rank
+    (SequenceParallelPartialInput, or joint tokens of a SequenceParallelJointInput).
     """
 
     true_len: int
     local_len: int
     sp_size: int
     prefix_len: int = 0
+    suffix_len: int = 0
+
+    @property
+    def local_rows(self) -> int:
+        """Rows of a local tensor with this layout, replicated rows included."""
+        return self.prefix_len + self.local_len + self.suffix_len
 
     @property
     def padded_len(self) -> int:
@@ -49,6 +57,12 @@ class SPContext:
     sharded: bool = False
     # Most recent layout first; looked up by the local length a tensor has along its seq dim.
     layouts: list[ShardLayout] = field(default_factory=list)
+    # (rows, joint_strategy) of replicated joint inputs (SequenceParallelJointInput) seen so far.
+    joints: list[tuple[int, str]] = field(default_factory=list)
+
+    def record_joint(self, rows: int, strategy: str) -> None:
+        if rows and (rows, strategy) not in self.joints:
+            self.joints.insert(0, (rows, strategy))
 
     def record(self, layout: ShardLayout) -> None:
         if layout in self.layouts:
@@ -58,9 +72,21 @@ class SPContext:
     def layout_for_local(self, local_total: int) -> ShardLayout | None:
         """The layout of a local tensor with ``local_total`` rows (prefix included), if recorded."""
         for layout in self.layouts:
-            if layout.prefix_len + layout.local_len == local_total:
+            if layout.local_rows == local_total:
                 return layout
         return None
+
+    def attention_layouts(self, rows: int) -> set[ShardLayout]:
+        """Every layout that explains an attention input of ``rows`` local rows: recorded layouts of
+        that many rows, and sharded layouts with the rows of a recorded joint input in front or behind."""
+        found = {layout for layout in self.layouts if layout.local_rows == rows}
+        for joint_rows, strategy in self.joints:
+            for layout in self.layouts:
+                if layout.prefix_len or layout.suffix_len or layout.local_len + joint_rows != rows:
+                    continue
+                side = "prefix_len" if strategy == "front" else "suffix_len"
+                found.add(dataclasses.replace(layout, **{side: joint_rows}))
+        return found
 
     def layout_for_gathered(self, gathered_rows: int) -> ShardLayout | None:
         """The layout whose padded sharded part has ``gathered_rows`` rows."""

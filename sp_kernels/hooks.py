@@ -22,7 +22,12 @@ from torch.utils.hooks import RemovableHandle
 
 from .context import _CURRENT_CTX, SPContext
 from .parallel_state import SequenceParallelConfig, SPState, get_sp_state, init_sequence_parallel
-from .sp_plan import SequenceParallelOutput, SequenceParallelPartialInput, validate_sp_plan
+from .sp_plan import (
+    SequenceParallelJointInput,
+    SequenceParallelOutput,
+    SequenceParallelPartialInput,
+    validate_sp_plan,
+)
 from .sp_sharding import gather_and_trim, shard_and_record
 
 logger = logging.getLogger("sp_kernels")
@@ -207,6 +212,23 @@ def _split_tensor(
     return shard_and_record(x, dim, applied.context(), size, state.sp_rank, text_len)
 
 
+def _record_joint(applied: _Applied, key: str, name: Any, spec: SequenceParallelJointInput, x: Any) -> None:
+    """Note the length of replicated joint tokens; the tensor itself passes untouched."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(
+            f"_sp_plan[{key!r}][{name!r}]: SequenceParallelJointInput expects a tensor, got {type(x).__name__}"
+        )
+    if spec.expected_dims is not None and x.dim() != spec.expected_dims:
+        applied.dims_mismatch(key, name, spec.expected_dims, x, "record as joint tokens")
+        return
+    if not -x.dim() <= spec.seq_dim < x.dim():
+        raise ValueError(
+            f"_sp_plan[{key!r}][{name!r}]: seq_dim={spec.seq_dim} is out of range for shape {tuple(x.shape)}"
+        )
+    if applied.state.sp_size > 1:
+        applied.context().record_joint(x.size(spec.seq_dim % x.dim()), spec.joint_strategy)
+
+
 def _gather_tensor(applied: _Applied, key: str, index: int, spec: SequenceParallelOutput, x: Any) -> Any:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"_sp_plan[{key!r}] output {index}: expected a tensor to gather, got {type(x).__name__}")
@@ -258,6 +280,9 @@ def _make_split_pre_hook(applied: _Applied, key: str, specs: dict, sig: _Signatu
             value, where = sig.get(name, args, kwargs)
             if where is None or value is None:
                 continue
+            if isinstance(spec, SequenceParallelJointInput):
+                _record_joint(applied, key, name, spec, value)
+                continue
             prefix = _text_len(key, name, spec, sig, args, kwargs) if isinstance(
                 spec, SequenceParallelPartialInput) else 0
             value = _split_tensor(applied, key, name, spec, value, prefix)
@@ -279,6 +304,10 @@ def _make_split_output_hook(applied: _Applied, key: str, specs: dict, sig: _Sign
                     f"_sp_plan[{key!r}][{index}]: output index out of range; the module returned "
                     f"{_describe(output)}"
                 )
+            if isinstance(spec, SequenceParallelJointInput):
+                if items[index] is not None:
+                    _record_joint(applied, key, index, spec, items[index])
+                continue
             prefix = _text_len(key, index, spec, sig, args, kwargs) if isinstance(
                 spec, SequenceParallelPartialInput) else 0
             if items[index] is not None:

@@ -104,14 +104,51 @@ class SequenceParallelPartialInput:
         return True
 
 
-AnySequenceParallelInput = SequenceParallelInput | SequenceParallelPartialInput
+JOINT_STRATEGIES = ("front", "rear")
+
+
+@dataclass(frozen=True)
+class SequenceParallelJointInput:
+    """A replicated input whose rows the model joins to the sharded sequence before attention.
+
+    MM-DiT blocks (Flux, Qwen-Image, HunyuanVideo) concatenate text tokens with the image tokens
+    inside the attention processor. Sharding the text as well (what diffusers' ``_cp_plan`` does)
+    is exact only when both lengths divide the SP size: with auto_pad, padding rows would land in the
+    middle of the concatenation. This spec keeps the text whole on every rank and records its length
+    along ``seq_dim``, so attention takes those rows as joint tokens (computed once against the whole
+    sharded sequence, identical on every rank) -- exact for any text length.
+    ``joint_strategy``: "front" when the model puts them before the sharded rows, "rear" after.
+    Nothing is sharded or gathered; with ``split_output=True`` the int key names an output.
+    """
+
+    seq_dim: int = 1
+    joint_strategy: str = "front"
+    expected_dims: int | None = None
+    split_output: bool = False
+
+    def __post_init__(self) -> None:
+        _check_dim("SequenceParallelJointInput", "seq_dim", self.seq_dim)
+        _check_dim("SequenceParallelJointInput", "expected_dims", self.expected_dims, allow_none=True)
+        if self.joint_strategy not in JOINT_STRATEGIES:
+            raise ValueError(
+                f"SequenceParallelJointInput.joint_strategy must be one of {JOINT_STRATEGIES}, "
+                f"got {self.joint_strategy!r}"
+            )
+        if self.expected_dims is not None and not -self.expected_dims <= self.seq_dim < self.expected_dims:
+            raise ValueError(
+                f"SequenceParallelJointInput.seq_dim={self.seq_dim} is out of range for "
+                f"expected_dims={self.expected_dims}"
+            )
+
+
+AnySequenceParallelInput = SequenceParallelInput | SequenceParallelPartialInput | SequenceParallelJointInput
 SequenceParallelInputPlan = dict[str | int, AnySequenceParallelInput]
 SequenceParallelOutputPlan = (
     SequenceParallelOutput | list[SequenceParallelOutput | None] | tuple[SequenceParallelOutput | None, ...]
 )
 SequenceParallelModelPlan = dict[str, SequenceParallelInputPlan | SequenceParallelOutputPlan]
 
-_INPUT_TYPES = (SequenceParallelInput, SequenceParallelPartialInput)
+_INPUT_TYPES = (SequenceParallelInput, SequenceParallelPartialInput, SequenceParallelJointInput)
 
 
 def _validate_key(key: Any) -> None:
@@ -135,7 +172,8 @@ def _validate_inputs(key: str, spec: dict) -> None:
             raise ValueError(f"{where}: inner keys must be parameter names (str) or output indices (int)")
         if not isinstance(item, _INPUT_TYPES):
             raise ValueError(
-                f"{where} must be a SequenceParallelInput or SequenceParallelPartialInput, got {type(item).__name__}"
+                f"{where} must be a SequenceParallelInput, SequenceParallelPartialInput or "
+                f"SequenceParallelJointInput, got {type(item).__name__}"
                 + (" (outputs are gathered by a SequenceParallelOutput as the whole value)"
                    if isinstance(item, SequenceParallelOutput) else "")
             )

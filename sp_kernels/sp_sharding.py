@@ -96,6 +96,10 @@ class _Gather(torch.autograd.Function):
 
 def _shard(tensor: torch.Tensor, dim: int, size: int, rank: int, pad_value: float = 0.0) -> tuple[torch.Tensor, int]:
     local = -(-tensor.size(dim) // size)
+    if tensor.is_complex():
+        # Complex rope tables (Qwen-Image): shard the (re, im) view, whose extra dim comes last.
+        real = torch.view_as_real(tensor if tensor.is_contiguous() else tensor.contiguous())
+        return torch.view_as_complex(shard_pad(real, dim, rank * local, local, pad_value)), local
     return shard_pad(tensor, dim, rank * local, local, pad_value), local
 
 

@@ -90,33 +90,56 @@ def _local(query: Tensor, key: Tensor, value: Tensor, scale: float, causal: bool
     return out.contiguous()
 
 
-def _split_prefix(
-    query: Tensor, key: Tensor, value: Tensor, joint: Joint | None, prefix: int
+def _split_replicated(
+    query: Tensor, key: Tensor, value: Tensor, joint: Joint | None, layout: ShardLayout
 ) -> tuple[Tensor, Tensor, Tensor, Joint]:
-    """A replicated prefix (SequenceParallelPartialInput) is joint tokens in front of the shard."""
-    if joint is not None and joint.strategy != "front":
+    """Replicated rows around the shard (a SequenceParallelPartialInput prefix, or the joint tokens of
+    a SequenceParallelJointInput) become joint tokens, merged with any joint tensors passed in."""
+    if layout.prefix_len:
+        side, n, strategy = "in front of", layout.prefix_len, "front"
+        rep = tuple(t[:, :n] for t in (query, key, value))
+        seq = tuple(t[:, n:] for t in (query, key, value))
+    else:
+        side, n, strategy = "behind", layout.suffix_len, "rear"
+        rep = tuple(t[:, -n:] for t in (query, key, value))
+        seq = tuple(t[:, :-n] for t in (query, key, value))
+    if joint is not None and joint.strategy != strategy:
         raise ValueError(
-            f"attention: the input has a replicated prefix of {prefix} rows (SequenceParallelPartialInput), which "
-            "sits in front of the shard; joint_strategy='rear' cannot also apply. Use joint_strategy='front'."
+            f"attention: the input has {n} replicated rows {side} the shard (recorded by the plan), so the joint "
+            f"tensors passed in cannot use joint_strategy={joint.strategy!r}; use joint_strategy={strategy!r}"
         )
-    pq, pk, pv = query[:, :prefix], key[:, :prefix], value[:, :prefix]
     if joint is not None:
-        pq, pk, pv = (torch.cat([j, p], dim=1) for j, p in ((joint.query, pq), (joint.key, pk), (joint.value, pv)))
-    return query[:, prefix:], key[:, prefix:], value[:, prefix:], Joint(pq, pk, pv, "front")
+        # Output row order stays [passed joint | input rows] for "front", [input rows | passed joint] for "rear".
+        pairs = zip((joint.query, joint.key, joint.value), rep)
+        rep = tuple(torch.cat([j, r] if strategy == "front" else [r, j], dim=1) for j, r in pairs)
+    return seq[0], seq[1], seq[2], Joint(rep[0], rep[1], rep[2], strategy)
 
 
 def _find_layout(ctx: SPContext, rows: int) -> ShardLayout | None:
-    """The recorded layout of a local tensor with ``rows`` rows; two different ones would be a guess."""
-    layout = ctx.layout_for_local(rows)
-    if layout is not None:
-        others = {(lay.true_len, lay.prefix_len) for lay in ctx.layouts if lay.prefix_len + lay.local_len == rows}
-        if len(others) > 1:
-            raise ValueError(
-                f"attention: {len(others)} sharded sequences of this forward have {rows} local rows (true length, "
-                f"prefix: {sorted(others)}), so which rows are padding is ambiguous; pad the sequences to lengths "
-                "that shard to different local lengths"
-            )
-    return layout
+    """The layout of an attention input with ``rows`` local rows; two candidates would be a guess, and
+    none while padded sequences exist would attend padding rows."""
+    found = ctx.attention_layouts(rows)
+    if len(found) > 1:
+        desc = sorted((lay.true_len, lay.prefix_len, lay.suffix_len) for lay in found)
+        raise ValueError(
+            f"attention: {len(found)} sharded sequences of this forward explain {rows} local rows (true length, "
+            f"replicated rows in front, behind: {desc}), so which rows are padding is ambiguous; pad the "
+            "sequences to lengths that shard to different local lengths"
+        )
+    if found:
+        return found.pop()
+    padded = [lay for lay in ctx.layouts if lay.pad]
+    if padded:
+        known = sorted({lay.local_rows for lay in ctx.layouts} | {
+            lay.local_len + n for lay in ctx.layouts for n, _ in ctx.joints if not lay.prefix_len})
+        raise ValueError(
+            f"attention: the local sequence has {rows} rows, which matches no sharded sequence of this forward "
+            f"(local rows of the recorded layouts: {known}), while auto_pad padded one of them (true length "
+            f"{padded[0].true_len}, {padded[0].pad} padding rows): the padding rows could not be excluded. "
+            "Sequences concatenated inside the model must be declared in the plan: replicated tokens joined to "
+            "the shard as SequenceParallelJointInput, or shard the concatenation once (SequenceParallelPartialInput)"
+        )
+    return None
 
 
 def _check_degrees(name: str, state: SPState) -> None:
@@ -195,13 +218,17 @@ def attention(
             "attention: sequence-parallel backends are forward-only (no backward yet); run under torch.no_grad() "
             "or torch.inference_mode()"
         )
-    layout = _find_layout(ctx, query.shape[1])
+    rows = query.shape[1]
+    if any(rows == n for n, _ in ctx.joints) and not ctx.attention_layouts(rows):
+        # Replicated joint tokens attending among themselves (a text refiner): the same on every rank.
+        return _local(query, key, value, scale, causal, joint)
+    layout = _find_layout(ctx, rows)
     if layout is not None and layout.sp_size != state.sp_size:
         raise ValueError(
             f"attention: the recorded shard layout is for {layout.sp_size} ranks but the SP group has {state.sp_size}"
         )
-    if layout is not None and layout.prefix_len:
-        query, key, value, joint = _split_prefix(query, key, value, joint, layout.prefix_len)
+    if layout is not None and (layout.prefix_len or layout.suffix_len):
+        query, key, value, joint = _split_replicated(query, key, value, joint, layout)
     call = AttentionCall(query, key, value, scale, causal, joint, name, state, layout)
     return _BACKENDS[name](call, _valid_rows(call, name))
 

@@ -1,61 +1,86 @@
-"""sp_kernels attention as diffusers attention backends (drop-in for diffusers' context parallelism).
+"""sp_kernels for diffusers models: our hooks on a diffusers transformer, or our attention under diffusers' CP.
 
-::
+Two ways in, both importing diffusers only here (``import sp_kernels`` never imports it):
 
-    import sp_kernels.integrations.diffusers  # registers "fused_ring", "sp_ulysses", "sp_usp"
-    from diffusers import ContextParallelConfig
+1. **Our sequence parallelism on a diffusers model** (recommended)::
 
-    transformer.set_attention_backend("fused_ring")
-    transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=4))
+       from sp_kernels import SequenceParallelConfig
+       from sp_kernels.integrations.diffusers import enable_sequence_parallel, disable_sequence_parallel
 
-diffusers keeps doing what it does around attention (its ``_cp_plan`` hooks shard and gather the
-sequence, its processors project q/k/v); at each attention call its dispatcher hands our backend the
-local shards and ``_parallel_config``, and the backend runs sp_kernels' ring / Ulysses / USP over
-diffusers' own process groups (the "ring" and "ulysses" dims of its device mesh, whose flattened order
-``ring_rank * U + ulysses_rank`` is sp_kernels' sp_rank order). diffusers' templated ring instead
-all-gathers the whole KV and merges with the sigmoid chain; with ``fused_ring`` the KV travels
-block by block, overlapped with compute (see docs/attention.md).
+       enable_sequence_parallel(pipe.transformer, SequenceParallelConfig(ulysses_degree=2, ring_degree=2))
+       ...  # run the pipeline as usual, on every rank
+       disable_sequence_parallel(pipe.transformer)  # restores the model exactly
 
-Backends (``AttentionBackendName`` members added at runtime, all ``supports_context_parallel``):
+   The plan is the model's own ``_sp_plan``, else sp_kernels' ready plan for its class (Flux, Flux2,
+   Qwen-Image, Wan, LTX-Video, HunyuanVideo: see ``diffusers_plans``), else its ``_cp_plan``
+   translated; ``plan=`` overrides (``plan="cp_plan"`` forces the translation). Our hooks shard
+   and gather (auto_pad: any token count, exact; ``return_dict=True`` works), and every attention
+   processor is pointed at the ``"sp_kernels"`` diffusers backend, which runs ``sp_kernels.attention``
+   with ``config.attention_backend`` (ulysses, ring, usp, fused_ring, auto). Head counts not
+   divisible by the Ulysses degree are padded. Nothing depends on ``transformers`` being imported.
 
-* ``fused_ring``: needs ``ulysses_degree == 1``;
-* ``sp_ulysses``: needs ``ring_degree == 1``;
-* ``sp_usp``: any degrees (Ulysses inside, fused ring across).
+2. **Drop-in under diffusers' own context parallelism**::
 
-Without a parallel config (or a CP world of 1) every one of them is plain local attention through
-sp_kernels' block kernel adapter. Not supported (clear errors): attention masks, dropout,
-``return_lse`` under CP, and backward under CP (forward/inference only, like sp_kernels' SP backends).
-Cross-attention against replicated tokens (key length != query length) runs locally.
+       import sp_kernels.integrations.diffusers  # registers "fused_ring", "sp_ulysses", "sp_usp"
+       transformer.set_attention_backend("fused_ring")
+       transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=4))
 
-diffusers bugs seen on CPU (diffusers 0.42.1), not ours: ``enable_parallelism`` computes
-``rank % torch.accelerator.device_count()``, which is 0 on a CPU-only machine, and its
+   diffusers keeps doing what it does around attention (its ``_cp_plan`` hooks shard and gather the
+   sequence, its processors project q/k/v); at each attention call its dispatcher hands our backend the
+   local shards and ``_parallel_config``, and the backend runs sp_kernels' ring / Ulysses / USP over
+   diffusers' own process groups (the "ring" and "ulysses" dims of its device mesh, whose flattened
+   order ``ring_rank * U + ulysses_rank`` is sp_kernels' sp_rank order). diffusers' templated ring
+   instead all-gathers the whole KV and merges with the sigmoid chain; with ``fused_ring`` the KV
+   travels block by block, overlapped with compute (see docs/attention.md). ``fused_ring`` needs
+   ``ulysses_degree == 1``, ``sp_ulysses`` ``ring_degree == 1``, ``sp_usp`` takes any degrees.
+
+Attention masks: one that masks nothing (all True, or an all-zero additive mask) is dropped; a real
+mask runs in local attention (cross-attention to replicated text, e.g. LTX) through torch SDPA, and is
+refused inside the sharded sequence. Not supported under SP: dropout, ``return_lse``, backward.
+
+diffusers bugs seen on CPU (diffusers 0.42.1), which only path 2 meets: ``enable_parallelism``
+computes ``rank % torch.accelerator.device_count()``, which is 0 on a CPU-only machine, and its
 expected_dims skip path calls ``logger.warning_once``, which exists only after transformers is
-imported. The CPU tests patch both (device count 1, ``warning_once = warning``).
+imported. The CPU tests of path 2 patch both (device count 1, ``warning_once = warning``).
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from ..attn import attention, block_attention
 from ..attn.fused_ring import register as _register_fused_ring
-from ..context import sp_forward_context
+from ..context import current_context, sp_forward_context
+from ..hooks import apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
 from ..parallel_state import SequenceParallelConfig, SPState
+from .diffusers_plans import LOCAL_ATTENTION, plan_source, translate_cp_plan
 
 Tensor = torch.Tensor
 
-# diffusers backend value -> (enum member name, sp_kernels backend, degrees it needs)
-BACKENDS: dict[str, tuple[str, str]] = {
+# diffusers backend value -> (enum member name, sp_kernels backend). "sp_kernels" is the backend of
+# enable_sequence_parallel: our hooks set the SP context and attention() picks the configured backend.
+BACKENDS: dict[str, tuple[str, str | None]] = {
+    "sp_kernels": ("SP_KERNELS", None),
     "fused_ring": ("FUSED_RING", "fused_ring"),
     "sp_ulysses": ("SP_ULYSSES", "ulysses"),
     "sp_usp": ("SP_USP", "usp"),
 }
 
-__all__ = ["BACKENDS", "register", "sp_state_for"]
+__all__ = [
+    "BACKENDS",
+    "disable_sequence_parallel",
+    "enable_sequence_parallel",
+    "register",
+    "sp_state_for",
+    "translate_cp_plan",
+]
 
 
 def _add_enum_member(cls: type[enum.Enum], name: str, value: str) -> enum.Enum:
@@ -109,6 +134,31 @@ def sp_state_for(cp_config: Any) -> SPState:
     return state
 
 
+def _mask_is_trivial(mask: Tensor) -> bool:
+    """True when the mask excludes nothing (all True, or an additive mask of zeros)."""
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
+def _local_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float | None, causal: bool,
+    return_lse: bool, name: str,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention on this rank's tokens only: sp_kernels' block kernels, or torch SDPA with a mask."""
+    if mask is None:
+        out, lse = block_attention(query, key, value, softmax_scale=scale, causal=causal)
+        return (out, lse.transpose(1, 2)) if return_lse else out
+    if return_lse:
+        raise NotImplementedError(f"sp_kernels/diffusers backend {name!r}: return_lse=True with an attention mask")
+    hq, hk = query.shape[2], key.shape[2]
+    if hk != hq:
+        key, value = (t.repeat_interleave(hq // hk, dim=2) for t in (key, value))
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, is_causal=causal,
+        scale=scale,
+    )
+    return out.transpose(1, 2)
+
+
 def _make_backend(name: str) -> Callable[..., Any]:
     """The diffusers backend function for ``name``. diffusers passes only the arguments whose names
     appear in its signature, so the parameters are exactly its backend protocol."""
@@ -126,17 +176,41 @@ def _make_backend(name: str) -> Callable[..., Any]:
         return_lse: bool = False,
         _parallel_config: Any = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        if attn_mask is not None:
-            raise NotImplementedError(
-                f"sp_kernels/diffusers backend {name!r}: attention masks are not supported (sp_kernels handles "
-                "padding by layout, not masks); use diffusers' 'native' backend for masked attention"
-            )
         if dropout_p:
             raise NotImplementedError(f"sp_kernels/diffusers backend {name!r}: dropout_p must be 0, got {dropout_p}")
+        if attn_mask is not None and _mask_is_trivial(attn_mask):
+            attn_mask = None
         cp = _parallel_config.context_parallel_config if _parallel_config is not None else None
+        if ours is None:
+            if cp is not None:
+                raise RuntimeError(
+                    "sp_kernels/diffusers backend 'sp_kernels' is driven by enable_sequence_parallel's hooks, but "
+                    "diffusers' own context parallelism (enable_parallelism) is active on this model; use one of "
+                    "them, or 'fused_ring' / 'sp_ulysses' / 'sp_usp' under diffusers' context parallelism"
+                )
+            ctx = current_context()
+            sharded = ctx is not None and ctx.sharded and ctx.state.sp_size > 1
+            if not sharded or key.shape[1] != query.shape[1]:
+                # Outside the sharded region, or cross-attention to replicated tokens: local.
+                return _local_attention(query, key, value, attn_mask, scale, is_causal, return_lse, name)
+            if attn_mask is not None:
+                raise NotImplementedError(
+                    f"sp_kernels/diffusers backend 'sp_kernels': an attention mask of shape {tuple(attn_mask.shape)} "
+                    "that excludes keys reached attention over the sharded sequence; sp_kernels excludes padding by "
+                    "layout, not masks. Masks of padded prompt tokens: pass the prompt trimmed to its valid tokens "
+                    "(with batch size 1 the image output is identical)"
+                )
+            if return_lse:
+                raise NotImplementedError("sp_kernels/diffusers backend 'sp_kernels': return_lse=True under SP")
+            return attention(query, key, value, softmax_scale=scale, causal=is_causal)
+
         if cp is None or cp.ring_degree * cp.ulysses_degree == 1 or key.shape[1] != query.shape[1]:
-            out, lse = block_attention(query, key, value, softmax_scale=scale, causal=is_causal)
-            return (out, lse.transpose(1, 2)) if return_lse else out
+            return _local_attention(query, key, value, attn_mask, scale, is_causal, return_lse, name)
+        if attn_mask is not None:
+            raise NotImplementedError(
+                f"sp_kernels/diffusers backend {name!r}: attention masks are not supported under context parallelism "
+                "(sp_kernels handles padding by layout, not masks); use diffusers' 'native' backend for masked attention"
+            )
         if return_lse:
             raise NotImplementedError(
                 f"sp_kernels/diffusers backend {name!r}: return_lse=True under context parallelism is not supported"
@@ -170,6 +244,169 @@ def register() -> list[str]:
             )
         names.append(value)
     return names
+
+
+# ---------------------------------------------------------------------------------------------
+# enable_sequence_parallel / disable_sequence_parallel
+
+_ENABLED_ATTR = "_sp_kernels_diffusers"
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return getattr(diffusers, "__version__", "unknown")
+
+
+def _attention_classes() -> tuple[type, ...]:
+    """diffusers' attention module classes; a clear error when this diffusers lays them out differently."""
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+        from diffusers.models.attention_processor import Attention
+    except ImportError as e:
+        raise RuntimeError(
+            f"sp_kernels.integrations.diffusers needs diffusers.models.attention.AttentionModuleMixin and "
+            f"diffusers.models.attention_processor.Attention (diffusers >= 0.35); diffusers {_diffusers_version()} "
+            f"has not: {e}"
+        ) from e
+    return (Attention, AttentionModuleMixin)
+
+
+@dataclass(eq=False)
+class _Enabled:
+    source: str
+    # (module path, attention module, its processor, the processor's backend before enable)
+    routed: list[tuple[str, nn.Module, Any, Any]] = field(default_factory=list)
+    guard: Any = None
+
+
+def _route_attention(model: nn.Module, cls: str) -> list[tuple[str, nn.Module, Any, Any]]:
+    """Every diffusers attention module of ``model`` with its processor; refuses processors that do not
+    go through diffusers' dispatcher (their attention would run unsharded-unaware: a wrong answer)."""
+    classes = _attention_classes()
+    local_only = tuple(p for k in type(model).__mro__ for p in LOCAL_ATTENTION.get(k.__name__, ()))
+    routed, bad, cp_on = [], [], []
+    for path, m in model.named_modules():
+        if not isinstance(m, classes):
+            continue
+        proc = getattr(m, "processor", None)
+        if proc is None or not hasattr(proc, "_attention_backend"):
+            if local_only and path.startswith(local_only):
+                continue
+            bad.append(f"{path} ({type(proc).__name__})")
+            continue
+        if getattr(proc, "_parallel_config", None) is not None:
+            cp_on.append(path)
+        routed.append((path, m, proc, proc._attention_backend))
+    ver = _diffusers_version()
+    if bad:
+        raise ValueError(
+            f"enable_sequence_parallel({cls}): the attention processors of {bad[:4]}{' ...' if len(bad) > 4 else ''} "
+            f"do not dispatch through diffusers' attention backends (no _attention_backend; diffusers {ver}), so "
+            "sp_kernels cannot route their attention; set a processor that does (the model's default one)"
+        )
+    if cp_on:
+        raise ValueError(
+            f"enable_sequence_parallel({cls}): diffusers' own context parallelism is enabled on {cp_on[0]} (and "
+            f"{len(cp_on) - 1} more); use either it (with backend 'fused_ring' / 'sp_ulysses' / 'sp_usp') or "
+            "enable_sequence_parallel, not both"
+        )
+    if not routed:
+        raise ValueError(
+            f"enable_sequence_parallel({cls}): no diffusers attention module found (diffusers {ver}); "
+            "for a plain nn.Module use sp_kernels.apply_sequence_parallel with sp_kernels.attention"
+        )
+    return routed
+
+
+def _make_guard(enabled: _Enabled, member: Any, cls: str) -> Callable:
+    def guard(module: nn.Module, args: tuple) -> None:
+        for path, m, proc, _ in enabled.routed:
+            if m.processor is not proc or proc._attention_backend != member:
+                raise RuntimeError(
+                    f"{cls}.{path}: its attention processor or backend was changed after enable_sequence_parallel "
+                    "(set_attention_backend / set_attn_processor), so it would attend to its shard only; call "
+                    "disable_sequence_parallel first, change it, then enable again"
+                )
+
+    return guard
+
+
+def enable_sequence_parallel(
+    transformer: nn.Module, config: SequenceParallelConfig, plan: dict | str | None = None
+) -> nn.Module:
+    """Run a diffusers transformer sequence-parallel with sp_kernels' hooks and attention backends.
+
+    ``plan``: None (the model's ``_sp_plan``, else sp_kernels' ready plan for its class, else its
+    ``_cp_plan`` translated), ``"cp_plan"`` (force the translation), or an ``_sp_plan`` dict.
+    Collective (builds process groups): call on every rank, after ``torch.distributed`` is set up.
+    On any error the model is left as it was. Returns ``transformer``.
+    """
+    cls = type(transformer).__name__
+    ver = _diffusers_version()
+    if not isinstance(config, SequenceParallelConfig):
+        raise TypeError(f"enable_sequence_parallel: config must be a SequenceParallelConfig, got {type(config).__name__}")
+    if getattr(transformer, _ENABLED_ATTR, None) is not None or is_sequence_parallel(transformer):
+        raise RuntimeError(
+            f"enable_sequence_parallel({cls}): sequence parallelism is already applied; call disable_sequence_parallel "
+            "first"
+        )
+    if plan is None:
+        found = plan_source(transformer)
+        if found is None:
+            raise ValueError(
+                f"enable_sequence_parallel: {cls} has no _sp_plan and no _cp_plan (diffusers {ver}), and sp_kernels "
+                "has no ready plan for it; pass plan={...} (docs/porting.md shows how to write one)"
+            )
+        source, plan = found
+    elif isinstance(plan, str):
+        if plan != "cp_plan":
+            raise ValueError(f"enable_sequence_parallel: plan must be None, 'cp_plan' or a dict, got {plan!r}")
+        cp_plan = getattr(type(transformer), "_cp_plan", None)
+        if cp_plan is None:
+            raise ValueError(f"enable_sequence_parallel: plan='cp_plan' but {cls} has no _cp_plan (diffusers {ver})")
+        source, plan = f"{cls}._cp_plan (translated)", translate_cp_plan(cp_plan, owner=cls)
+    elif isinstance(plan, dict):
+        source = "the plan passed in"
+    else:
+        raise TypeError(f"enable_sequence_parallel: plan must be None, 'cp_plan' or a dict, got {type(plan).__name__}")
+
+    routed = _route_attention(transformer, cls)
+    register()
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    member = AttentionBackendName("sp_kernels")
+    enabled = _Enabled(source=source, routed=routed)
+    for _, _, proc, _ in routed:
+        proc._attention_backend = member
+    try:
+        apply_sequence_parallel(transformer, config, plan)
+        enabled.guard = transformer.register_forward_pre_hook(_make_guard(enabled, member, cls), prepend=True)
+    except Exception as e:
+        for _, _, proc, before in routed:
+            proc._attention_backend = before
+        if is_sequence_parallel(transformer):
+            remove_sequence_parallel(transformer)
+        if isinstance(e, ValueError):
+            raise ValueError(f"enable_sequence_parallel({cls}, plan from {source}, diffusers {ver}): {e}") from e
+        raise
+    setattr(transformer, _ENABLED_ATTR, enabled)
+    return transformer
+
+
+def disable_sequence_parallel(transformer: nn.Module) -> nn.Module:
+    """Undo ``enable_sequence_parallel``: hooks removed, every processor's backend restored."""
+    enabled = getattr(transformer, _ENABLED_ATTR, None)
+    if enabled is None:
+        raise ValueError(
+            f"disable_sequence_parallel: enable_sequence_parallel was not called on this {type(transformer).__name__}"
+        )
+    enabled.guard.remove()
+    remove_sequence_parallel(transformer)
+    for _, _, proc, before in enabled.routed:
+        proc._attention_backend = before
+    delattr(transformer, _ENABLED_ATTR)
+    return transformer
 
 
 register()
