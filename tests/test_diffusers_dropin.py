@@ -132,16 +132,31 @@ def test_registration_and_lazy_import():
 
 
 def test_unsupported_arguments_raise():
+    from types import SimpleNamespace
+
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     import sp_kernels.integrations.diffusers  # noqa: F401 - registers the backends
 
     fn = _AttentionBackendRegistry._backends[AttentionBackendName("fused_ring")]
-    q = torch.randn(1, 5, 2, 8)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 5, 2, 8, generator=gen) for _ in range(3))
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    mask[..., -2:] = False
+    cp = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
     with pytest.raises(NotImplementedError, match="attention masks"):
-        fn(q, q, q, attn_mask=torch.ones(1, 5, dtype=torch.bool))
+        fn(q, k, v, attn_mask=mask, _parallel_config=cp)
     with pytest.raises(NotImplementedError, match="dropout_p"):
-        fn(q, q, q, dropout_p=0.1)
-    out, lse = fn(q, q, q, return_lse=True)  # no parallel config: local attention with its lse [B, S, H]
-    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, q, q))).transpose(1, 2)
-    assert torch.allclose(out, ref, atol=1e-6) and lse.shape == (1, 5, 2)
+        fn(q, k, v, dropout_p=0.1)
+
+    def sdpa(mask=None):
+        args = (t.transpose(1, 2).double() for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(*args, attn_mask=mask).transpose(1, 2).float()
+
+    out, lse = fn(q, k, v, return_lse=True)  # no parallel config: local attention with its lse [B, S, H]
+    assert torch.allclose(out, sdpa(), atol=1e-6) and lse.shape == (1, 5, 2)
+    # A mask that excludes keys runs locally (exact); one that excludes nothing is dropped.
+    assert torch.allclose(fn(q, k, v, attn_mask=mask), sdpa(mask), atol=1e-6)
+    assert torch.allclose(fn(q, k, v, attn_mask=torch.zeros(1, 1, 1, 5)), sdpa(), atol=1e-6)
+    assert torch.allclose(fn(q, k, v, attn_mask=torch.ones(1, 1, 1, 5, dtype=torch.bool),
+                             _parallel_config=None), sdpa(), atol=1e-6)

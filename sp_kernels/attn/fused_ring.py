@@ -65,11 +65,12 @@ def _backend(call: AttentionCall, valid: list[int]) -> Tensor:
 
 
 def register() -> None:
-    """Register "fused_ring" in the attention registry (idempotent)."""
+    """Register "fused_ring" in the attention registry when it is missing (a replacement someone
+    registered on purpose stays)."""
     from . import _BACKENDS, register_backend
 
-    if _BACKENDS.get("fused_ring") is not _backend:
-        register_backend("fused_ring", _backend, replace=True)
+    if "fused_ring" not in _BACKENDS:
+        register_backend("fused_ring", _backend)
 
 
 # Importing this module registers the backend. attn/__init__ must import it only after its registry

@@ -60,14 +60,16 @@ from ..attn.fused_ring import register as _register_fused_ring
 from ..context import current_context, sp_forward_context
 from ..hooks import apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
 from ..parallel_state import SequenceParallelConfig, SPState
-from .diffusers_plans import LOCAL_ATTENTION, plan_source, translate_cp_plan
+from .diffusers_plans import CROSS_ATTENTION, LOCAL_ATTENTION, plan_source, translate_cp_plan
 
 Tensor = torch.Tensor
 
 # diffusers backend value -> (enum member name, sp_kernels backend). "sp_kernels" is the backend of
-# enable_sequence_parallel: our hooks set the SP context and attention() picks the configured backend.
+# enable_sequence_parallel: our hooks set the SP context and attention() picks the configured backend;
+# "sp_kernels_local" is what it gives cross-attention to replicated text (always this rank only).
 BACKENDS: dict[str, tuple[str, str | None]] = {
     "sp_kernels": ("SP_KERNELS", None),
+    "sp_kernels_local": ("SP_KERNELS_LOCAL", "local"),
     "fused_ring": ("FUSED_RING", "fused_ring"),
     "sp_ulysses": ("SP_ULYSSES", "ulysses"),
     "sp_usp": ("SP_USP", "usp"),
@@ -181,6 +183,8 @@ def _make_backend(name: str) -> Callable[..., Any]:
         if attn_mask is not None and _mask_is_trivial(attn_mask):
             attn_mask = None
         cp = _parallel_config.context_parallel_config if _parallel_config is not None else None
+        if ours == "local":
+            return _local_attention(query, key, value, attn_mask, scale, is_causal, return_lse, name)
         if ours is None:
             if cp is not None:
                 raise RuntimeError(
@@ -277,6 +281,8 @@ class _Enabled:
     source: str
     # (module path, attention module, its processor, the processor's backend before enable)
     routed: list[tuple[str, nn.Module, Any, Any]] = field(default_factory=list)
+    # the backend each routed processor gets (same order)
+    members: list[Any] = field(default_factory=list)
     guard: Any = None
 
 
@@ -319,9 +325,14 @@ def _route_attention(model: nn.Module, cls: str) -> list[tuple[str, nn.Module, A
     return routed
 
 
-def _make_guard(enabled: _Enabled, member: Any, cls: str) -> Callable:
+def _is_cross_attention(model: nn.Module, path: str, module: nn.Module) -> bool:
+    names = tuple(n for k in type(model).__mro__ for n in CROSS_ATTENTION.get(k.__name__, ()))
+    return path.rsplit(".", 1)[-1] in names or getattr(module, "is_cross_attention", False) is True
+
+
+def _make_guard(enabled: _Enabled, cls: str) -> Callable:
     def guard(module: nn.Module, args: tuple) -> None:
-        for path, m, proc, _ in enabled.routed:
+        for (path, m, proc, _), member in zip(enabled.routed, enabled.members):
             if m.processor is not proc or proc._attention_backend != member:
                 raise RuntimeError(
                     f"{cls}.{path}: its attention processor or backend was changed after enable_sequence_parallel "
@@ -375,13 +386,15 @@ def enable_sequence_parallel(
     register()
     from diffusers.models.attention_dispatch import AttentionBackendName
 
-    member = AttentionBackendName("sp_kernels")
+    sp_member, local_member = AttentionBackendName("sp_kernels"), AttentionBackendName("sp_kernels_local")
     enabled = _Enabled(source=source, routed=routed)
-    for _, _, proc, _ in routed:
+    for path, m, proc, _ in routed:
+        member = local_member if _is_cross_attention(transformer, path, m) else sp_member
+        enabled.members.append(member)
         proc._attention_backend = member
     try:
         apply_sequence_parallel(transformer, config, plan)
-        enabled.guard = transformer.register_forward_pre_hook(_make_guard(enabled, member, cls), prepend=True)
+        enabled.guard = transformer.register_forward_pre_hook(_make_guard(enabled, cls), prepend=True)
     except Exception as e:
         for _, _, proc, before in routed:
             proc._attention_backend = before

@@ -25,7 +25,7 @@ from ..sp_plan import (
     validate_sp_plan,
 )
 
-__all__ = ["LOCAL_ATTENTION", "PLANS", "plan_source", "translate_cp_plan"]
+__all__ = ["CROSS_ATTENTION", "LOCAL_ATTENTION", "PLANS", "plan_source", "translate_cp_plan"]
 
 
 def _split(dim: int, dims: int, output: bool = False) -> SequenceParallelInput:
@@ -99,6 +99,14 @@ PLANS: dict[str, SequenceParallelModelPlan] = {
 # so a processor that bypasses diffusers' backend dispatch is harmless there.
 LOCAL_ATTENTION: dict[str, tuple[str, ...]] = {
     "HunyuanVideoTransformer3DModel": ("context_embedder.",),
+}
+
+# Module names (last path component), per class, of cross-attention to replicated text: always local.
+# The backend cannot tell cross- from self-attention by shape when the text happens to have as many
+# tokens as a rank's shard, so known models name them; for others a different key length decides.
+CROSS_ATTENTION: dict[str, tuple[str, ...]] = {
+    "WanTransformer3DModel": ("attn2",),
+    "LTXVideoTransformer3DModel": ("attn2",),
 }
 
 
