@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from ..comm import all_gather_small
 from ..context import ShardLayout, SPContext, current_context
 from ..parallel_state import BACKEND_NAMES, SPState
 from .agreement import check_enabled, exchange_rows
@@ -113,6 +114,15 @@ def _split_replicated(
         pairs = zip((joint.query, joint.key, joint.value), rep)
         rep = tuple(torch.cat([j, r] if strategy == "front" else [r, j], dim=1) for j, r in pairs)
     return seq[0], seq[1], seq[2], Joint(rep[0], rep[1], rep[2], strategy)
+
+
+def _replicated(query: Tensor, key: Tensor, state: SPState) -> bool:
+    """Whether every SP rank holds the same q and k (collective; every rank takes this path together,
+    since layouts and joint lengths are the same on all of them). Asked only when the row count fits
+    both the replicated joint tokens and a rank's shard, which shapes alone cannot tell apart."""
+    sums = torch.stack([t.double().sum() for t in (query, key)] + [t.double().square().sum() for t in (query, key)])
+    mine = sums.cpu().view(torch.int64).tolist()
+    return all(other == mine for other in all_gather_small(mine, state.host_group))
 
 
 def _find_layout(ctx: SPContext, rows: int) -> ShardLayout | None:
@@ -219,7 +229,9 @@ def attention(
             "or torch.inference_mode()"
         )
     rows = query.shape[1]
-    if any(rows == n for n, _ in ctx.joints) and not ctx.attention_layouts(rows):
+    if any(rows == n for n, _ in ctx.joints) and (
+        not ctx.attention_layouts(rows) or _replicated(query, key, state)
+    ):
         # Replicated joint tokens attending among themselves (a text refiner): the same on every rank.
         return _local(query, key, value, scale, causal, joint)
     layout = _find_layout(ctx, rows)
