@@ -161,5 +161,5 @@ def test_ambiguous_layouts_raise():
         ctx.sharded = True
         ctx.record(ShardLayout(true_len=9, local_len=5, sp_size=2))
         ctx.record(ShardLayout(true_len=10, local_len=5, sp_size=2))
-        with pytest.raises(ValueError, match=r"\(9, 0\), \(10, 0\).*ambiguous"):
+        with pytest.raises(ValueError, match=r"\(9, 0, 0\), \(10, 0, 0\)].*ambiguous"):
             attention(q, q, q)

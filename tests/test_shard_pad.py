@@ -345,3 +345,16 @@ def test_cuda_alignment_paths_and_stream():
         y = sp_mod.shard_pad(x, 1, 40_000, 32_768, 1.0)
     stream.synchronize()
     assert torch.equal(y, expected_shard_pad(x, 1, 40_000, 32_768, 1.0))
+
+
+def test_complex_tensors_shard_through_their_real_view():
+    # Qwen-Image's rope table is complex64; sharding goes through view_as_real, padding with 0 + 0j.
+    from sp_kernels.sp_sharding import _shard
+
+    x = torch.randn(7, 4, dtype=torch.complex64)
+    for rank in range(3):
+        out, local = _shard(x, 0, 3, rank)
+        ref = torch.zeros(3, 4, dtype=torch.complex64)
+        rows = x[rank * 3 : rank * 3 + 3]
+        ref[: rows.shape[0]] = rows
+        assert local == 3 and out.dtype == torch.complex64 and torch.equal(out, ref)
