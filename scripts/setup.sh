@@ -18,7 +18,8 @@ ROOT="$PWD"
 VENV="${SP_KERNELS_VENV:-.venv}"
 TORCH_SPEC="${SP_KERNELS_TORCH:-torch==2.14.1}"
 PYTHON="${PYTHON:-python3}"
-DEPS=("$TORCH_SPEC" numpy ninja pybind11 setuptools wheel triton pytest hypothesis ruff matplotlib diffusers)
+# diffusers: the version the integration tests ran against (sp_kernels.integrations.diffusers).
+DEPS=("$TORCH_SPEC" numpy ninja pybind11 setuptools wheel triton pytest hypothesis ruff matplotlib "diffusers==0.42.1")
 
 log() { printf 'setup.sh: %s\n' "$*"; }
 
