@@ -1,5 +1,5 @@
 """enable_sequence_parallel on real diffusers models: tiny random-weight Flux, Flux2, Qwen-Image, Wan,
-LTX-Video and HunyuanVideo on gloo ranks, under every backend, must equal the same model on one
+SkyReels-V2, LTX-Video and HunyuanVideo on gloo ranks, under every backend, must equal the same model on one
 process with diffusers' own attention (fp32, 1e-5), for token counts the SP size divides and does
 not divide, with return_dict True and False; disable_sequence_parallel must restore the model exactly."""
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
     reason="diffusers is not installed (scripts/setup.sh installs it); the integration needs it",
 )
 
-FAMILIES = ("flux", "flux2", "qwen", "wan", "ltx", "hunyuan")
+FAMILIES = ("flux", "flux2", "qwen", "wan", "skyreels", "ltx", "hunyuan")
 TOKENS = (24, 35)  # 24: divisible by 2, 3 and 4; 35: by none of them (auto_pad, exact)
 TOL = 1e-5
 

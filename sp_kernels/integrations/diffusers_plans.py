@@ -77,6 +77,13 @@ PLANS: dict[str, SequenceParallelModelPlan] = {
         "blocks.0": {"hidden_states": _split(1, 3)},
         "proj_out": _GATHER,
     },
+    # SkyReels-V2 (Wan architecture, no _cp_plan in diffusers): Wan's cut. Its diffusion-forcing mode
+    # passes a block-causal attention mask, which the SP backends refuse with a clear error.
+    "SkyReelsV2Transformer3DModel": {
+        "rope": {0: _split(1, 4, output=True), 1: _split(1, 4, output=True)},
+        "blocks.0": {"hidden_states": _split(1, 3)},
+        "proj_out": _GATHER,
+    },
     # LTX-Video: cross-attention to the text (with its mask) stays local on every rank; diffusers
     # shards the text and its mask too, which needs attention across ranks for the cross-attention.
     "LTXVideoTransformer3DModel": {
@@ -106,6 +113,7 @@ LOCAL_ATTENTION: dict[str, tuple[str, ...]] = {
 # tokens as a rank's shard, so known models name them; for others a different key length decides.
 CROSS_ATTENTION: dict[str, tuple[str, ...]] = {
     "WanTransformer3DModel": ("attn2",),
+    "SkyReelsV2Transformer3DModel": ("attn2",),
     "LTXVideoTransformer3DModel": ("attn2",),
 }
 

@@ -145,6 +145,13 @@ FAMILIES: dict[str, TinyFamily] = {
             _wan_inputs, False,
         ),
         TinyFamily(
+            "skyreels", "SkyReelsV2Transformer3DModel",
+            dict(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=12, in_channels=4, out_channels=4,
+                 text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                 rope_max_seq_len=32),
+            _wan_inputs, False,
+        ),
+        TinyFamily(
             "ltx", "LTXVideoTransformer3DModel",
             dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=3,
                  attention_head_dim=16, cross_attention_dim=48, num_layers=2, caption_channels=16),
