@@ -1,7 +1,8 @@
 """enable_sequence_parallel on real diffusers models: tiny random-weight Flux, Flux2, Qwen-Image, Wan,
 SkyReels-V2, LTX-Video and HunyuanVideo on gloo ranks, under every backend, must equal the same model on one
 process with diffusers' own attention (fp32, 1e-5), for token counts the SP size divides and does
-not divide, with return_dict True and False; disable_sequence_parallel must restore the model exactly."""
+not divide, with return_dict True and False, and (Qwen-Image, HunyuanVideo) prompts padded the way
+pipelines pad them; disable_sequence_parallel must restore the model exactly."""
 
 from __future__ import annotations
 
@@ -177,6 +178,13 @@ def _bad_input_cases() -> dict:
         out["twice"] = str(e)
     disable_sequence_parallel(flux)
     flux.reset_attention_backend()
+    # A prompt mask with a hole (not trailing padding) cannot be trimmed away: refused, not ignored.
+    hunyuan = diffusers_tiny.build("hunyuan", seed=1)
+    holed = diffusers_tiny.make_inputs("hunyuan", 24, text_tokens=8, seed=2)
+    holed["encoder_attention_mask"][:, 2] = 0
+    out["masked_hole"] = attempt(hunyuan, None, holed)
+    if is_sequence_parallel(hunyuan):
+        disable_sequence_parallel(hunyuan)
     with torch.no_grad():
         out["restored"] = torch.equal(flux(**inputs, return_dict=False)[0], single)
     return out
@@ -197,6 +205,8 @@ def test_bad_input_and_translated_cp_plan(rank_pool):
         assert res["guard"] and "changed after enable_sequence_parallel" in res["guard"], res
         assert res["twice"] and "already applied" in res["twice"], res
         assert res["restored"]
+        hole = res["masked_hole"]
+        assert hole and hole["type"] == "NotImplementedError" and "attention mask" in hole["msg"], hole
 
 
 def test_errors_without_ranks(monkeypatch):

@@ -58,9 +58,9 @@ import torch.nn.functional as F
 from ..attn import attention, block_attention
 from ..attn.fused_ring import register as _register_fused_ring
 from ..context import current_context, sp_forward_context
-from ..hooks import apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
+from ..hooks import _Signature, apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
 from ..parallel_state import SequenceParallelConfig, SPState
-from .diffusers_plans import CROSS_ATTENTION, LOCAL_ATTENTION, plan_source, translate_cp_plan
+from .diffusers_plans import CROSS_ATTENTION, LOCAL_ATTENTION, PROMPT_MASKS, plan_source, translate_cp_plan
 
 Tensor = torch.Tensor
 
@@ -283,7 +283,7 @@ class _Enabled:
     routed: list[tuple[str, nn.Module, Any, Any]] = field(default_factory=list)
     # the backend each routed processor gets (same order)
     members: list[Any] = field(default_factory=list)
-    guard: Any = None
+    handles: list[Any] = field(default_factory=list)  # our own root hooks (guard, prompt trim)
 
 
 def _route_attention(model: nn.Module, cls: str) -> list[tuple[str, nn.Module, Any, Any]]:
@@ -323,6 +323,31 @@ def _route_attention(model: nn.Module, cls: str) -> list[tuple[str, nn.Module, A
             "for a plain nn.Module use sp_kernels.apply_sequence_parallel with sp_kernels.attention"
         )
     return routed
+
+
+def _make_prompt_trim(model: nn.Module, text_name: str, mask_name: str) -> Callable:
+    """Root pre-hook: drop the trailing prompt tokens that are padding in every batch entry (see
+    diffusers_plans.PROMPT_MASKS for why the image output is unchanged)."""
+    sig = _Signature(model)
+
+    def trim(module: nn.Module, args: tuple, kwargs: dict):
+        text, text_at = sig.get(text_name, args, kwargs)
+        mask, mask_at = sig.get(mask_name, args, kwargs)
+        if not isinstance(text, torch.Tensor) or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return None
+        used = mask.bool().any(dim=0).nonzero()
+        keep = int(used.max()) + 1 if used.numel() else mask.shape[1]
+        if keep == mask.shape[1] or text.dim() < 2 or text.shape[1] != mask.shape[1]:
+            return None
+        args = list(args)
+        for value, at in ((text[:, :keep], text_at), (mask[:, :keep], mask_at)):
+            if isinstance(at, str):
+                kwargs[at] = value
+            else:
+                args[at] = value
+        return tuple(args), kwargs
+
+    return trim
 
 
 def _is_cross_attention(model: nn.Module, path: str, module: nn.Module) -> bool:
@@ -394,8 +419,15 @@ def enable_sequence_parallel(
         proc._attention_backend = member
     try:
         apply_sequence_parallel(transformer, config, plan)
-        enabled.guard = transformer.register_forward_pre_hook(_make_guard(enabled, cls), prepend=True)
+        # Registered last with prepend: they run before the plan's root hooks.
+        enabled.handles.append(transformer.register_forward_pre_hook(_make_guard(enabled, cls), prepend=True))
+        names = next((PROMPT_MASKS[k.__name__] for k in type(transformer).__mro__ if k.__name__ in PROMPT_MASKS), None)
+        if names is not None:
+            enabled.handles.append(transformer.register_forward_pre_hook(
+                _make_prompt_trim(transformer, *names), prepend=True, with_kwargs=True))
     except Exception as e:
+        for h in enabled.handles:
+            h.remove()
         for _, _, proc, before in routed:
             proc._attention_backend = before
         if is_sequence_parallel(transformer):
@@ -414,7 +446,8 @@ def disable_sequence_parallel(transformer: nn.Module) -> nn.Module:
         raise ValueError(
             f"disable_sequence_parallel: enable_sequence_parallel was not called on this {type(transformer).__name__}"
         )
-    enabled.guard.remove()
+    for h in enabled.handles:
+        h.remove()
     remove_sequence_parallel(transformer)
     for _, _, proc, before in enabled.routed:
         proc._attention_backend = before

@@ -25,7 +25,7 @@ from ..sp_plan import (
     validate_sp_plan,
 )
 
-__all__ = ["CROSS_ATTENTION", "LOCAL_ATTENTION", "PLANS", "plan_source", "translate_cp_plan"]
+__all__ = ["CROSS_ATTENTION", "LOCAL_ATTENTION", "PLANS", "PROMPT_MASKS", "plan_source", "translate_cp_plan"]
 
 
 def _split(dim: int, dims: int, output: bool = False) -> SequenceParallelInput:
@@ -115,6 +115,16 @@ CROSS_ATTENTION: dict[str, tuple[str, ...]] = {
     "WanTransformer3DModel": ("attn2",),
     "SkyReelsV2Transformer3DModel": ("attn2",),
     "LTXVideoTransformer3DModel": ("attn2",),
+}
+
+# (prompt tokens parameter, its key-padding mask parameter), per class, for models whose prompt
+# padding reaches joint attention over the sharded sequence as a mask. Pipelines pad prompts (e.g.
+# HunyuanVideo to 256 tokens); the padded tokens are masked as keys everywhere (joint attention, the
+# text refiner, pooling) and never reach an image token, so dropping the trailing columns that are
+# padding in every batch entry leaves the image output unchanged, and the mask becomes all-valid.
+PROMPT_MASKS: dict[str, tuple[str, str]] = {
+    "HunyuanVideoTransformer3DModel": ("encoder_hidden_states", "encoder_attention_mask"),
+    "QwenImageTransformer2DModel": ("encoder_hidden_states", "encoder_hidden_states_mask"),
 }
 
 

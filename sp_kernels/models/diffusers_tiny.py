@@ -31,6 +31,14 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _padded_prompt_mask(t: int) -> torch.Tensor:
+    """A prompt padded the way pipelines pad it: the last two of ``t`` tokens are padding (t > 2)."""
+    mask = torch.ones(1, t, dtype=torch.long)
+    if t > 2:
+        mask[:, -2:] = 0
+    return mask
+
+
 def _flux_inputs(n: int, t: int, seed: int) -> dict[str, Any]:
     g = _gen(seed)
     return dict(
@@ -61,7 +69,7 @@ def _qwen_inputs(n: int, t: int, seed: int) -> dict[str, Any]:
     return dict(
         hidden_states=torch.randn(1, n, 16, generator=g),
         encoder_hidden_states=torch.randn(1, t, 16, generator=g),
-        encoder_hidden_states_mask=torch.ones(1, t, dtype=torch.long),
+        encoder_hidden_states_mask=_padded_prompt_mask(t),
         timestep=torch.tensor([0.7]),
         img_shapes=[(1, h, w)],
     )
@@ -100,7 +108,7 @@ def _hunyuan_inputs(n: int, t: int, seed: int) -> dict[str, Any]:
         hidden_states=torch.randn(1, 4, f, 2 * h, 2 * w, generator=g),  # patch 2, patch_t 1
         timestep=torch.tensor([700]),
         encoder_hidden_states=torch.randn(1, t, 16, generator=g),
-        encoder_attention_mask=torch.ones(1, t, dtype=torch.long),
+        encoder_attention_mask=_padded_prompt_mask(t),
         pooled_projections=torch.randn(1, 8, generator=g),
         guidance=torch.tensor([3500.0]),
     )
