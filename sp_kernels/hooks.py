@@ -121,6 +121,14 @@ class _Signature:
     def knows(self, name: str) -> bool:
         return name in self.names or self.var_kwargs
 
+    @staticmethod
+    def put(args: list, kwargs: dict, where: str | int, value: Any) -> None:
+        """Store ``value`` where ``get`` found the argument (a kwarg name or a position in ``args``)."""
+        if isinstance(where, str):
+            kwargs[where] = value
+        else:
+            args[where] = value
+
     def get(self, name: str, args: tuple, kwargs: dict) -> tuple[Any, str | int | None]:
         """(value, where): where is the kwarg name, the arg index, or None if not passed."""
         if name in kwargs:
@@ -285,11 +293,7 @@ def _make_split_pre_hook(applied: _Applied, key: str, specs: dict, sig: _Signatu
                 continue
             prefix = _text_len(key, name, spec, sig, args, kwargs) if isinstance(
                 spec, SequenceParallelPartialInput) else 0
-            value = _split_tensor(applied, key, name, spec, value, prefix)
-            if isinstance(where, str):
-                kwargs[where] = value
-            else:
-                args[where] = value
+            sig.put(args, kwargs, where, _split_tensor(applied, key, name, spec, value, prefix))
         return tuple(args), kwargs
 
     return hook

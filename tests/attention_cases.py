@@ -26,6 +26,15 @@ BF16_FACTOR = 3.0
 ABS_TOL = {"float32": 2e-5, "float64": 1e-12}
 
 
+def sp_degrees(backend: str, world: int) -> tuple[int, int]:
+    """(ulysses, ring) degrees that run ``backend`` on ``world`` ranks; usp uses both where the world factors."""
+    if backend == "ulysses":
+        return world, 1
+    if backend in ("ring", "fused_ring"):
+        return 1, world
+    return {2: (2, 1), 3: (1, 3), 4: (2, 2)}[world]
+
+
 def describe(case: dict) -> str:
     keys = ("backend", "degrees", "batch", "seq", "heads", "kv_heads", "head_dim", "joint", "strategy", "prefix",
             "causal", "dtype", "mode", "lengths")

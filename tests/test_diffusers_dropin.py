@@ -16,29 +16,6 @@ pytestmark = pytest.mark.skipif(
     reason="diffusers is not installed (scripts/setup.sh installs it); the drop-in integration needs it",
 )
 
-FLUX = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
-
-
-def _flux_inputs(seed: int, image_tokens: int, text_tokens: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(1, image_tokens, 4, generator=gen),
-        encoder_hidden_states=torch.randn(1, text_tokens, 32, generator=gen),
-        pooled_projections=torch.randn(1, 32, generator=gen),
-        timestep=torch.tensor([0.7]),
-        img_ids=torch.randn(image_tokens, 3, generator=gen),
-        txt_ids=torch.randn(text_tokens, 3, generator=gen),
-    )
-
-
-def _flux(seed: int):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(**FLUX).eval()
-
-
 def _dropin_cases(cases: list[tuple[str, int, int]]) -> list[dict]:
     """Rank side: for each (backend, ring_degree, ulysses_degree) run the model on one process with
     diffusers' native attention, then under diffusers' context parallelism with our backend.
@@ -51,6 +28,7 @@ def _dropin_cases(cases: list[tuple[str, int, int]]) -> list[dict]:
     import sp_kernels.integrations.diffusers as integration
     from sp_kernels import attn
     from sp_kernels.comm import TorchRingComm
+    from sp_kernels.models import diffusers_tiny
 
     # diffusers' own CPU bugs (see the integration's docstring): rank % device_count() with 0 devices,
     # and logger.warning_once, which only exists once transformers is imported.
@@ -72,9 +50,9 @@ def _dropin_cases(cases: list[tuple[str, int, int]]) -> list[dict]:
     try:
         integration.register()
         for backend, ring_degree, ulysses_degree in cases:
-            inputs = _flux_inputs(3, image_tokens=16, text_tokens=8)
+            inputs = diffusers_tiny.make_inputs("flux", 16, text_tokens=8, seed=3)
             with torch.no_grad():
-                model = _flux(11)
+                model = diffusers_tiny.build("flux", seed=11)
                 single = model(**inputs, return_dict=False)[0]
                 model.set_attention_backend(backend)
                 local = model(**inputs, return_dict=False)[0]  # our backend without parallelism: local attention

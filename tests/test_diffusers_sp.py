@@ -12,6 +12,8 @@ import logging
 import pytest
 import torch
 
+from tests.attention_cases import sp_degrees
+
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None,
     reason="diffusers is not installed (scripts/setup.sh installs it); the integration needs it",
@@ -20,15 +22,6 @@ pytestmark = pytest.mark.skipif(
 FAMILIES = ("flux", "flux2", "qwen", "wan", "skyreels", "ltx", "hunyuan")
 TOKENS = (24, 35)  # 24: divisible by 2, 3 and 4; 35: by none of them (auto_pad, exact)
 TOL = 1e-5
-
-
-def _degrees(backend: str, world: int) -> tuple[int, int]:
-    """(ulysses, ring) for ``backend`` on ``world`` ranks; usp takes both dims where the world factors."""
-    if backend == "ulysses":
-        return world, 1
-    if backend in ("ring", "fused_ring"):
-        return 1, world
-    return {2: (2, 1), 3: (1, 3), 4: (2, 2)}[world]
 
 
 def _sp_cases(world: int, families: tuple[str, ...], backends: tuple[str, ...]) -> list[dict]:
@@ -64,7 +57,7 @@ def _sp_cases(world: int, families: tuple[str, ...], backends: tuple[str, ...]) 
                 with torch.no_grad():
                     single = model(**inputs, return_dict=False)[0]
                 for backend in backends:
-                    U, R = _degrees(backend, world)
+                    U, R = sp_degrees(backend, world)
                     cfg = SequenceParallelConfig(ulysses_degree=U, ring_degree=R, attention_backend=backend)
                     for return_dict in (False, True):
                         calls.clear()

@@ -20,6 +20,7 @@ from sp_kernels import (
     remove_sequence_parallel,
     validate_sp_plan,
 )
+from tests.attention_cases import sp_degrees
 
 HEADS, DIM = 3, 8
 
@@ -78,12 +79,6 @@ def _plan(order: str, joint: bool = True) -> dict:
     return plan
 
 
-def _degrees(backend: str, world: int) -> tuple[int, int]:
-    if backend == "ulysses":
-        return world, 1
-    if backend in ("ring", "fused_ring"):
-        return 1, world
-    return {2: (2, 1), 3: (1, 3), 4: (2, 2)}[world]
 
 
 def _run(backends: tuple[str, ...]) -> list[dict]:
@@ -101,7 +96,7 @@ def _run(backends: tuple[str, ...]) -> list[dict]:
             with torch.no_grad():
                 ref = model(img, txt)
                 for backend in backends:
-                    u, r = _degrees(backend, world)
+                    u, r = sp_degrees(backend, world)
                     cfg = SequenceParallelConfig(ulysses_degree=u, ring_degree=r, attention_backend=backend)
                     apply_sequence_parallel(model, cfg, _plan(order))
                     try:

@@ -340,11 +340,8 @@ def _make_prompt_trim(model: nn.Module, text_name: str, mask_name: str) -> Calla
         if keep == mask.shape[1] or text.dim() < 2 or text.shape[1] != mask.shape[1]:
             return None
         args = list(args)
-        for value, at in ((text[:, :keep], text_at), (mask[:, :keep], mask_at)):
-            if isinstance(at, str):
-                kwargs[at] = value
-            else:
-                args[at] = value
+        sig.put(args, kwargs, text_at, text[:, :keep])
+        sig.put(args, kwargs, mask_at, mask[:, :keep])
         return tuple(args), kwargs
 
     return trim

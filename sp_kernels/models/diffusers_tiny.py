@@ -114,6 +114,12 @@ def _hunyuan_inputs(n: int, t: int, seed: int) -> dict[str, Any]:
     )
 
 
+# Wan and SkyReels-V2 share the architecture (and so the tiny config).
+_WAN_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=12, in_channels=4, out_channels=4,
+                   text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                   qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
 @dataclass(frozen=True)
 class TinyFamily:
     name: str
@@ -147,16 +153,12 @@ FAMILIES: dict[str, TinyFamily] = {
         ),
         TinyFamily(
             "wan", "WanTransformer3DModel",
-            dict(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=12, in_channels=4, out_channels=4,
-                 text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                 rope_max_seq_len=32),
+            _WAN_CONFIG,
             _wan_inputs, False,
         ),
         TinyFamily(
             "skyreels", "SkyReelsV2Transformer3DModel",
-            dict(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=12, in_channels=4, out_channels=4,
-                 text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                 rope_max_seq_len=32),
+            _WAN_CONFIG,
             _wan_inputs, False,
         ),
         TinyFamily(
