@@ -329,6 +329,8 @@ def main(argv: list[str] | None = None, pool: RankPool | None = None) -> int:
                     "--model dit runs without it")
         if args.batch != 1:
             p.error(f"--model {args.model}: the tiny diffusers inputs have batch 1 (got --batch {args.batch})")
+        if args.frames or args.height or args.width:
+            p.error(f"--model {args.model}: --frames/--height/--width are for the DiT; give token counts with --seq-len")
     use_cuda = args.device == "cuda" or (
         args.device == "auto" and pool is None and torch.cuda.is_available() and torch.cuda.device_count() >= world
     )
