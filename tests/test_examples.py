@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ("flux", "flux2", "qwen_image", "wan", "ltx", "hunyuan_video")
+EXAMPLES = ("flux", "flux2", "qwen_image", "wan", "skyreels", "ltx", "hunyuan_video")
 PARALLEL = 2  # torchrun jobs at a time: most of a run is startup (imports, rendezvous)
 
 
