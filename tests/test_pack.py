@@ -139,6 +139,45 @@ def test_float64_and_large_multithreaded(impl):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype,D", [(torch.float16, 67), (torch.bfloat16, 128)], ids=str)
+def test_large_outputs_streaming_stores(impl, dtype, D):
+    # Outputs of 2 MiB and more take the CPU kernels' non-temporal store path: cover it with head
+    # rows that are not 64-byte multiples (D=67 fp16: 134 bytes, runs starting mid cache line),
+    # padding heads and rows, GQA replication, strided and offset sources, joint rows, 2 threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        g = torch.Generator().manual_seed(6)
+        B, S_loc, Hq, P = 2, 1000, 7, 3
+        fused = rand((B, S_loc, Hq + 4 + 1, D), dtype, g)[:, :, 1:]  # q | k | v, offset by one head
+        q, k, v = fused[:, :, :Hq], fused[:, :, Hq : Hq + 2], fused[:, :, Hq + 2 :]
+        kv_index = [0, 1, 1]
+        with poisoned_outputs():
+            send = pk.pack_qkv(q, k, v, P, kv_index)
+        assert send.nbytes >= 2 << 20
+        assert_same(send, expected_pack_qkv(q, k, v, P, kv_index), "pack_qkv")
+        S = P * S_loc - 5
+        jq, jk, jv = rand((B, 3, 3, D), dtype, g), rand((B, 3, 1, D), dtype, g), rand((B, 3, 1, D), dtype, g)
+        for front in (True, False):
+            with poisoned_outputs():
+                got = pk.unpack_qkv(send, S, jq, jk, jv, front)
+            assert got.nbytes >= 2 << 20
+            assert_same(got, expected_unpack_qkv(send, S, jq, jk, jv, front), f"unpack_qkv front={front}")
+        out_seq = rand((B, S + 1, 3, D), dtype, g)[:, 1:]
+        out_joint = rand((B, 3, 3, D), dtype, g)
+        with poisoned_outputs():
+            got = pk.pack_out(out_seq, out_joint, P, S_loc, False)
+        assert got.nbytes >= 2 << 20
+        assert_same(got, expected_pack_out(out_seq, out_joint, P, S_loc, False), "pack_out")
+        recv = rand((P, B, 2000, 3, D), dtype, g)
+        with poisoned_outputs():
+            got = pk.unpack_out(recv, Hq)
+        assert got.nbytes >= 2 << 20
+        assert_same(got, expected_unpack_out(recv, Hq), "unpack_out")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_round_trip_through_emulated_exchange(impl):
     """pack_qkv -> all-to-all (emulated for every rank) -> unpack_qkv gives each rank its heads of
     the exact sequence; pack_out -> exchange -> unpack_out gives back each rank's shard."""

@@ -1,17 +1,23 @@
 // CPU implementation of the Ulysses pack/unpack ops: one pass, each output byte written once.
 //
-// Work is split over output rows with at::parallel_for; inside a task every source run that is
-// contiguous in both tensors (a rank's query heads, consecutive KV heads, a stretch of sequence
-// rows of one shard) is one memcpy, and zero padding one memset, so the inner loops are the
-// library's vectorised copies rather than per-element code. Where each head row comes from is
-// decided by the index math in pack_index.h, which the CUDA kernels execute too.
+// Work is split with at::parallel_for; inside a task every run that is contiguous in both tensors
+// (a rank's query heads, consecutive KV heads, a stretch of sequence rows of one shard) is one
+// copy, and zero padding one fill. Big outputs are written with non-temporal stores (see "stores"
+// below). Where each head row comes from is decided by the index math in pack_index.h,
+// which the CUDA kernels execute too.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "sp_kernels/pack.h"
 #include "sp_kernels/pack_index.h"
@@ -31,7 +37,155 @@ void check_cpu(const char* op, const char* name, const at::Tensor& t) {
               t.device());
 }
 
+// ---- stores ----------------------------------------------------------------------------------
+//
+// An output of these ops is written once and next read by the all-to-all (or the attention), long
+// after a buffer of many MiB has left the cache. Ordinary stores first read every destination line
+// (read for ownership): 3 memory transfers per copied byte. Non-temporal ("streaming") stores
+// write whole lines without reading them: 2 transfers. Measured on this CPU (bf16, 1 thread, the
+// benchmark's sweep): streamed, the scattered runs of pack_qkv and unpack_out went from 0.7-1.0x to
+// 1.3-1.8x of the eager chain and the long runs of pack_out/unpack_qkv gained 1.2-1.5x from 25 MB
+// on; at 10 MB (a buffer that may still be in cache) streaming was 1.3-1.5x faster for unpack_out
+// and within the noise for pack_out (0.85-1.5x of eager either way across re-runs). Outputs below kStreamMinBytes keep
+// ordinary stores, so a small buffer stays in cache for its consumer.
+// SP_KERNELS_PACK_STREAM_MIN_BYTES overrides the threshold (read once per process; a huge value
+// turns streaming off).
+constexpr int64_t kStreamMinBytes = int64_t{2} << 20;
+
+int64_t stream_min_bytes() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("SP_KERNELS_PACK_STREAM_MIN_BYTES");
+    return env != nullptr && *env != '\0' ? std::max<int64_t>(0, std::atoll(env)) : kStreamMinBytes;
+  }();
+  return value;
+}
+
+bool use_streaming(const at::Tensor& out) {
+#if defined(__SSE2__)
+  return static_cast<int64_t>(out.nbytes()) >= stream_min_bytes();
+#else
+  (void)out;
+  return false;
+#endif
+}
+
+#if defined(__SSE2__)
+// Whole 64-byte lines, dst 64-byte aligned, n a multiple of 64: loads as usual, non-temporal stores.
+// AVX2 when the CPU has it (about 5-15% faster than 16-byte stores for a 300 MB copy on this CPU),
+// else SSE2, which every x86-64 CPU has.
+#if defined(__GNUC__) || defined(__clang__)
+#define SP_PACK_HAVE_AVX2_PATH 1
+__attribute__((target("avx2"))) void stream_lines_avx2(uint8_t* dst, const uint8_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 32));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), a);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 32), b);
+  }
+}
+
+__attribute__((target("avx2"))) void stream_zero_avx2(uint8_t* dst, int64_t n) {
+  const __m256i z = _mm256_setzero_si256();
+  for (int64_t i = 0; i < n; i += 64) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), z);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 32), z);
+  }
+}
+
+const bool kHaveAvx2 = [] {
+  __builtin_cpu_init();  // this initializer may run before the one that sets up the CPU model
+  return __builtin_cpu_supports("avx2") != 0;
+}();
+#endif
+
+void stream_lines(uint8_t* dst, const uint8_t* src, int64_t n) {
+#if defined(SP_PACK_HAVE_AVX2_PATH)
+  if (kHaveAvx2) {
+    stream_lines_avx2(dst, src, n);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; i += 64) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+  }
+}
+
+void stream_zero(uint8_t* dst, int64_t n) {
+#if defined(SP_PACK_HAVE_AVX2_PATH)
+  if (kHaveAvx2) {
+    stream_zero_avx2(dst, n);
+    return;
+  }
+#endif
+  const __m128i z = _mm_setzero_si128();
+  for (int64_t i = 0; i < n; i += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), z);
+  }
+}
+
+// Bytes from dst to the next 64-byte boundary (at most n).
+inline int64_t to_line(const uint8_t* dst, int64_t n) {
+  return std::min<int64_t>(n, static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(dst) & 63)) & 63));
+}
+#endif
+
+// Copies n bytes; with `stream`, the 64-byte lines wholly inside the destination are written with
+// non-temporal stores (the partial lines at either end with memcpy). Sources are read as usual.
+inline void copy_bytes(uint8_t* dst, const uint8_t* src, int64_t n, bool stream) {
+#if defined(__SSE2__)
+  if (stream && n >= 64) {
+    const int64_t head = to_line(dst, n);
+    std::memcpy(dst, src, static_cast<size_t>(head));
+    const int64_t body = (n - head) & ~int64_t{63};
+    stream_lines(dst + head, src + head, body);
+    std::memcpy(dst + head + body, src + head + body, static_cast<size_t>(n - head - body));
+    return;
+  }
+#endif
+  (void)stream;
+  std::memcpy(dst, src, static_cast<size_t>(n));
+}
+
+inline void zero_bytes(uint8_t* dst, int64_t n, bool stream) {
+#if defined(__SSE2__)
+  if (stream && n >= 64) {
+    const int64_t head = to_line(dst, n);
+    std::memset(dst, 0, static_cast<size_t>(head));
+    const int64_t body = (n - head) & ~int64_t{63};
+    stream_zero(dst + head, body);
+    std::memset(dst + head + body, 0, static_cast<size_t>(n - head - body));
+    return;
+  }
+#endif
+  (void)stream;
+  std::memset(dst, 0, static_cast<size_t>(n));
+}
+
+// Non-temporal stores are weakly ordered: each task fences its own before it returns, so they are
+// visible to whoever joins the parallel region (and to the caller) like ordinary stores.
+inline void end_streaming(bool stream) {
+#if defined(__SSE2__)
+  if (stream) {
+    _mm_sfence();
+  }
+#endif
+  (void)stream;
+}
+
 }  // namespace
+
+// Copy order: every kernel reads its source front to back (one sequential stream per task, which the
+// hardware prefetchers follow). pack_qkv scatters each source row to the P ranks' chunks; unpack_out
+// gathers chunk by chunk into a block of output rows; pack_out and unpack_qkv copy runs that are
+// contiguous on both sides in output order. Against the destination-major order (P short reads per
+// output row) this measured 1.2-2x faster for unpack_out and pack_qkv once the stores stream.
 
 at::Tensor pack_qkv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t world_size,
                         c10::IntArrayRef kv_index) {
@@ -40,82 +194,81 @@ at::Tensor pack_qkv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
   check_cpu("pack_qkv", "v", v);
   PackQkvPlan plan = prepare_pack_qkv(q, k, v, world_size, kv_index);
   const auto& g = plan.g;
-  const int64_t rows = g.P * g.B * g.S;
   if (plan.out.numel() == 0) {
     return plan.out;
   }
+  const bool stream = use_streaming(plan.out);
   const int64_t es = plan.elem_size;
   const int64_t head_bytes = g.Du * es;
+  const int64_t row_bytes = g.W * head_bytes;         // one (p, b, s) row of the send buffer
+  const int64_t chunk_bytes = g.B * g.S * row_bytes;  // one rank's chunk
   const uint8_t* srcs[3] = {static_cast<const uint8_t*>(plan.q.const_data_ptr()),
                             static_cast<const uint8_t*>(plan.k.const_data_ptr()),
                             static_cast<const uint8_t*>(plan.v.const_data_ptr())};
   auto* dst = static_cast<uint8_t*>(plan.out.mutable_data_ptr());
   const KvIndexTable& kv = plan.kv;
-  // The KV slots of rank p form runs of heads consecutive in k (or v); the runs do not depend on
-  // the row, so they are found once per rank here, with the shared index math at row (0, 0), and
-  // each row then costs one memcpy per run with no index arithmetic beyond two multiply-adds.
+  // Every head slot of rank p's chunk maps to a source head that does not depend on the row. The
+  // slots form runs of heads consecutive in their source (a rank's query heads; consecutive KV
+  // heads), found once here with the shared index math at row (0, 0); a row then costs one copy per
+  // run (zero fill for padding query heads) with no index arithmetic beyond a multiply-add.
   struct Run {
-    int which;
-    int64_t slot, head_offset, n;
+    int64_t dst_off;  // bytes from send row (0, b, s): rank p's chunk offset + the slot's offset
+    int64_t src_off;  // unit offset of the first head in its source row
+    int64_t bytes;
+    bool zero;
   };
-  std::vector<std::vector<Run>> runs(static_cast<size_t>(g.P));
+  std::vector<Run> runs[3];
   for (int64_t p = 0; p < g.P; ++p) {
-    int64_t h = g.hq;
+    int64_t h = 0;
     while (h < g.W) {
       const auto ref = pack_qkv_source(g, kv, p, int64_t{0}, int64_t{0}, h);
       int64_t n = 1;
-      while (h + n < g.W) {
+      while (h + n < g.W && (h < g.hq) == (h + n < g.hq)) {
         const auto next = pack_qkv_source(g, kv, p, int64_t{0}, int64_t{0}, h + n);
-        if (next.which != ref.which || next.offset != ref.offset + n * g.Du) {
+        const bool same = next.which == ref.which &&
+                          (ref.which == kSrcZero || next.offset == ref.offset + n * g.Du);
+        if (!same) {
           break;
         }
         ++n;
       }
-      runs[static_cast<size_t>(p)].push_back(Run{ref.which, h, ref.offset, n});
+      const int part = ref.which == kSrcZero ? kSrcQ : ref.which;
+      runs[part].push_back(Run{p * chunk_bytes + h * head_bytes, ref.offset, n * head_bytes, ref.which == kSrcZero});
       h += n;
     }
   }
   const int64_t sb[3] = {g.q_sb, g.k_sb, g.v_sb};
   const int64_t ss[3] = {g.q_ss, g.k_ss, g.v_ss};
-  // One sweep per source (q, then k, then v) rather than all three per row: each input byte is
-  // still read once and each output byte written once, but a sweep then has a single read stream,
-  // which the CPU prefetchers follow; interleaving three strided sources per row measured about 1.4x
-  // slower than the eager chain's per-tensor copies, this order matches them.
+  // One sweep per source (q, then k, then v) over its rows (b, s) in memory order; each source row
+  // is scattered to the P ranks' chunks right away, while it is in L1.
   for (int part = kSrcQ; part <= kSrcV; ++part) {
-    at::parallel_for(0, rows, grain_rows(g.W * head_bytes), [&](int64_t begin, int64_t end) {
-      // (p, b, s) of the first row, then advanced incrementally: no division per row.
-      int64_t p = begin / (g.B * g.S);
-      int64_t b = (begin / g.S) % g.B;
+    const std::vector<Run>& rr = runs[part];
+    if (rr.empty()) {
+      continue;
+    }
+    int64_t written = 0;
+    for (const Run& run : rr) {
+      written += run.bytes;
+    }
+    at::parallel_for(0, g.B * g.S, grain_rows(written), [&](int64_t begin, int64_t end) {
+      int64_t b = begin / g.S;
       int64_t s = begin % g.S;
       for (int64_t r = begin; r < end; ++r) {
-        uint8_t* row = dst + r * g.W * head_bytes;
-        if (part == kSrcQ) {
-          // Query heads of rank p are consecutive in q: one copy, then zeros for the padding heads.
-          const int64_t n_real = pack_qkv_real_q_heads(g, p);
-          if (n_real > 0) {
-            const auto ref = pack_qkv_source(g, kv, p, b, s, int64_t{0});
-            std::memcpy(row, srcs[ref.which] + ref.offset * es, static_cast<size_t>(n_real * head_bytes));
-          }
-          if (n_real < g.hq) {
-            std::memset(row + n_real * head_bytes, 0, static_cast<size_t>((g.hq - n_real) * head_bytes));
-          }
-        } else {
-          for (const Run& run : runs[static_cast<size_t>(p)]) {
-            if (run.which != part) {
-              continue;
-            }
-            const int64_t offset = b * sb[part] + s * ss[part] + run.head_offset;
-            std::memcpy(row + run.slot * head_bytes, srcs[part] + offset * es, static_cast<size_t>(run.n * head_bytes));
+        const uint8_t* src_row = srcs[part] + (b * sb[part] + s * ss[part]) * es;
+        uint8_t* dst_row = dst + r * row_bytes;  // (p = 0, b, s); run offsets add p's chunk
+        for (const Run& run : rr) {
+          if (run.zero) {
+            zero_bytes(dst_row + run.dst_off, run.bytes, stream);
+          } else {
+            copy_bytes(dst_row + run.dst_off, src_row + run.src_off * es, run.bytes, stream);
           }
         }
         if (++s == g.S) {
           s = 0;
-          if (++b == g.B) {
-            b = 0;
-            ++p;
-          }
+          ++b;
         }
       }
+      end_streaming(stream);
     });
   }
   return plan.out;
@@ -135,6 +288,7 @@ at::Tensor unpack_qkv_cpu(const at::Tensor& recv, int64_t seq_len, const c10::op
   if (plan.out.numel() == 0) {
     return plan.out;
   }
+  const bool stream = use_streaming(plan.out);
   const int64_t es = plan.elem_size;
   const int64_t head_bytes = g.Du * es;
   const int64_t row_bytes = g.W * head_bytes;
@@ -161,7 +315,7 @@ at::Tensor unpack_qkv_cpu(const at::Tensor& recv, int64_t seq_len, const c10::op
         // Rows of one shard are consecutive in recv: copy up to the shard's (or the task's) end at once.
         const int64_t i = t - seq0;
         const int64_t n = std::min({unpack_qkv_seq_run(g, i), g.S - i, end - r});
-        std::memcpy(out_row, src + ref.offset * es, static_cast<size_t>(n * row_bytes));
+        copy_bytes(out_row, src + ref.offset * es, n * row_bytes, stream);
         r += n;
         continue;
       }
@@ -170,11 +324,12 @@ at::Tensor unpack_qkv_cpu(const at::Tensor& recv, int64_t seq_len, const c10::op
           continue;
         }
         const auto jr = unpack_qkv_source(g, b, t, slots[part]);
-        std::memcpy(out_row + slots[part] * head_bytes, joints[jr.which] + jr.offset * es,
-                    static_cast<size_t>(widths[part] * head_bytes));
+        copy_bytes(out_row + slots[part] * head_bytes, joints[jr.which] + jr.offset * es, widths[part] * head_bytes,
+                   stream);
       }
       ++r;
     }
+    end_streaming(stream);
   });
   return plan.out;
 }
@@ -190,6 +345,7 @@ at::Tensor pack_out_cpu(const at::Tensor& out_seq, const c10::optional<at::Tenso
   if (plan.out.numel() == 0) {
     return plan.out;
   }
+  const bool stream = use_streaming(plan.out);
   const int64_t es = plan.elem_size;
   const int64_t row_units = g.hq * g.Du;
   const int64_t row_bytes = row_units * es;
@@ -199,6 +355,8 @@ at::Tensor pack_out_cpu(const at::Tensor& out_seq, const c10::optional<at::Tenso
   const auto* seq = static_cast<const uint8_t*>(plan.seq.const_data_ptr());
   const auto* joint = g.J > 0 ? static_cast<const uint8_t*>(plan.joint.const_data_ptr()) : nullptr;
   auto* dst = static_cast<uint8_t*>(plan.out.mutable_data_ptr());
+  // Output rows in order: the sources of a run of rows (a shard's sequence rows, the joint rows) are
+  // consecutive too, so the source is read sequentially as well.
   at::parallel_for(0, g.P * g.B * rows, grain_rows(row_bytes), [&](int64_t begin, int64_t end) {
     int64_t r = begin;
     while (r < end) {
@@ -211,7 +369,7 @@ at::Tensor pack_out_cpu(const at::Tensor& out_seq, const c10::optional<at::Tenso
       const int64_t part_end = ref.which == kSrcJoint ? j0 + g.J : seq0 + g.L;
       int64_t n = std::min(part_end - t, end - r);
       if (ref.which == kSrcZero) {
-        std::memset(out_row, 0, static_cast<size_t>(n * row_bytes));
+        zero_bytes(out_row, n * row_bytes, stream);
         r += n;
         continue;
       }
@@ -221,14 +379,15 @@ at::Tensor pack_out_cpu(const at::Tensor& out_seq, const c10::optional<at::Tenso
         n = std::min(n, g.S - (pb / g.B * g.L + t - seq0));  // the valid rows of the shard only
       }
       if (stride == row_units) {
-        std::memcpy(out_row, base + ref.offset * es, static_cast<size_t>(n * row_bytes));
+        copy_bytes(out_row, base + ref.offset * es, n * row_bytes, stream);
       } else {
         for (int64_t i = 0; i < n; ++i) {
-          std::memcpy(out_row + i * row_bytes, base + (ref.offset + i * stride) * es, static_cast<size_t>(row_bytes));
+          copy_bytes(out_row + i * row_bytes, base + (ref.offset + i * stride) * es, row_bytes, stream);
         }
       }
       r += n;
     }
+    end_streaming(stream);
   });
   return plan.out;
 }
@@ -240,22 +399,36 @@ at::Tensor unpack_out_cpu(const at::Tensor& recv, int64_t heads) {
   if (plan.out.numel() == 0) {
     return plan.out;
   }
+  const bool stream = use_streaming(plan.out);
   const int64_t es = plan.elem_size;
   const int64_t head_bytes = g.Du * es;
+  const int64_t out_row_bytes = g.Hq * head_bytes;
+  const int64_t rows = g.B * g.R;  // output rows; also the rows of one source chunk
   const auto* src = static_cast<const uint8_t*>(plan.recv.const_data_ptr());
   auto* dst = static_cast<uint8_t*>(plan.out.mutable_data_ptr());
-  // Chunk p of a row sits a fixed distance after chunk 0 (the index math at (0, 0, hq)).
-  const int64_t chunk_units = g.P > 1 ? unpack_out_source(g, int64_t{0}, int64_t{0}, g.hq) : 0;
-  at::parallel_for(0, g.B * g.R, grain_rows(g.Hq * head_bytes), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      uint8_t* out_row = dst + r * g.Hq * head_bytes;
-      const uint8_t* src_row = src + unpack_out_source(g, r / g.R, r % g.R, int64_t{0}) * es;
-      // Each source chunk contributes its real heads as one contiguous run; padding heads are skipped.
-      for (int64_t h = 0, p = 0; h < g.Hq; h += g.hq, ++p) {
-        const int64_t n = std::min(g.hq, g.Hq - h);
-        std::memcpy(out_row + h * head_bytes, src_row + p * chunk_units * es, static_cast<size_t>(n * head_bytes));
+  // Each task owns a block of output rows (b, t) and fills it chunk by chunk: chunk p's received
+  // rows for the block are consecutive in recv (one sequential read stream), each one run of its
+  // real heads (padding heads skipped) into the output rows at head p * hq. With one thread the
+  // whole output is one block, i.e. recv is read once front to back. A destination-major loop (P
+  // short reads per output row) ran at 0.7-0.8x of the eager permute-copy.
+  const int64_t s_step = g.hq * head_bytes;
+  at::parallel_for(0, rows, grain_rows(out_row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t p = 0; p < g.P; ++p) {
+      const int64_t h0 = p * g.hq;
+      const int64_t n_bytes = std::min(g.hq, g.Hq - h0) * head_bytes;
+      if (n_bytes <= 0) {
+        break;  // only padding heads from here on
+      }
+      // The index math gives the block's first source row; the next ones follow at hq heads each.
+      const uint8_t* s = src + unpack_out_source(g, begin / g.R, begin % g.R, h0) * es;
+      uint8_t* d = dst + begin * out_row_bytes + h0 * head_bytes;
+      for (int64_t o = begin; o < end; ++o) {
+        copy_bytes(d, s, n_bytes, stream);
+        d += out_row_bytes;
+        s += s_step;
       }
     }
+    end_streaming(stream);
   });
   return plan.out;
 }
