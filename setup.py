@@ -33,6 +33,20 @@ CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp where torch itself runs at::parallel_for on OpenMP.
+
+    at::parallel_for is a header template: without -fopenmp its `omp parallel` pragma compiles away
+    and every CPU kernel of ours runs on one thread, whatever torch.set_num_threads says. Apple's
+    clang has no -fopenmp, and a torch built on another backend needs none.
+    """
+    import torch
+
+    if sys.platform == "darwin" or not getattr(torch._C, "has_openmp", False):
+        return []
+    return ["-fopenmp"]
+
+
 def project_version() -> str:
     text = (ROOT / "pyproject.toml").read_text()
     match = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
@@ -230,7 +244,8 @@ def extension_modules(cfg: CudaConfig) -> list:
 
     groups = source_groups()
     sources = groups.get("common", []) + groups.get("cpu", []) + groups.get("python", [])
-    extra_compile_args: dict[str, list[str]] = {"cxx": list(CXX_FLAGS)}
+    omp = openmp_flags()
+    extra_compile_args: dict[str, list[str]] = {"cxx": CXX_FLAGS + omp}
     if cfg.enabled:
         sources += groups.get("cuda", [])
         # Explicit -gencode flags make torch skip its own arch selection (which would query GPUs).
@@ -241,11 +256,16 @@ def extension_modules(cfg: CudaConfig) -> list:
                 sources=sources,
                 include_dirs=include_dirs(),
                 extra_compile_args=extra_compile_args,
+                extra_link_args=omp,
             )
         ]
     return [
         CppExtension(
-            "sp_kernels._C", sources=sources, include_dirs=include_dirs(), extra_compile_args=extra_compile_args
+            "sp_kernels._C",
+            sources=sources,
+            include_dirs=include_dirs(),
+            extra_compile_args=extra_compile_args,
+            extra_link_args=omp,
         )
     ]
 

@@ -52,12 +52,44 @@ def time_fn(
     return min(times) if stat == "min" else statistics.median(times)
 
 
+def cache_flusher(device: torch.device | str) -> Callable[[], None]:
+    """A function that evicts the last-level cache: it zeroes a buffer twice the cache's size.
+
+    The same idea as triton.testing.do_bench (which zeroes 256 MB before every timed call on a GPU).
+    Without it, timing columns round-robin leaves each one a different cache state (whatever the
+    column before it left behind), and for buffers that fit in the cache that order decides the
+    ratio; with it, every call starts as in the real pipeline, with its input and output in memory.
+    """
+    device = torch.device(device)
+    nbytes = 256 << 20 if device.type == "cuda" else 2 * _cpu_llc_bytes()
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return buf.zero_
+
+
+def _cpu_llc_bytes() -> int:
+    """Largest data/unified cache of cpu0 in bytes (Linux sysfs), else 32 MiB."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        digits = text.rstrip("KM")
+        if digits.isdigit():
+            best = max(best, int(digits) * scale)
+    return best or 32 << 20
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]], device: torch.device | str, warmup: int = 1, repeats: int = 9,
-    stat: str = "min",
+    stat: str = "min", flush: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """Seconds per call of each function, timed round-robin (a, b, c, a, b, c, ...) so that bursts of
-    load from other jobs on a shared machine hit every column alike; then min (or median) per column."""
+    load from other jobs on a shared machine hit every column alike; then min (or median) per column.
+    ``flush`` (see cache_flusher) runs, untimed, before every timed call."""
     device = torch.device(device)
     for fn in fns.values():
         for _ in range(warmup):
@@ -66,6 +98,9 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if flush is not None:
+                flush()
+                sync(device)
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()

@@ -139,7 +139,7 @@ class forced:
 # ---- one case ------------------------------------------------------------------------------------
 
 
-def bench_case(B, S, Hh, D, P, device, dtype, impls, compiled, warmup, repeats) -> list[dict]:
+def bench_case(B, S, Hh, D, P, device, dtype, impls, compiled, warmup, repeats, flush=None) -> list[dict]:
     L = -(-S // P)
     h = -(-Hh // P)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -215,7 +215,7 @@ def bench_case(B, S, Hh, D, P, device, dtype, impls, compiled, warmup, repeats) 
                 fns["compiled"] = lambda fn=fn, args=args: fn(*args)
             except Exception as exc:  # report, never hide: the table says why the column is empty
                 row["compile_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-        t = H.time_interleaved(fns, device, warmup, repeats, STAT)
+        t = H.time_interleaved(fns, device, warmup, repeats, STAT, flush=flush)
         row["copy_GBps"] = H.gbps(moved, t["copy"])
         row["stream_copy_GBps"] = H.gbps(moved, t["stream_copy"]) if "stream_copy" in t else float("nan")
         row["eager_ms"] = t["eager"] * 1e3
@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--name", default="bench_pack", help="output file stem under benchmarks/out/")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="do not evict the cache before each timed call (see _harness.cache_flusher)")
     ap.add_argument("--malloc-as-is", action="store_true", help="do not re-exec with the steady-state malloc env")
     args = ap.parse_args(argv)
     if argv is None and not args.malloc_as_is and torch.device(args.device).type == "cpu":
@@ -331,9 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     compiled = None if (args.quick or args.no_compile) else make_compiled()
     env = H.environment()
     print(f"bench_pack on {env['device']}, {env['threads']} threads, torch {env['torch']}; ours: {', '.join(impls)}")
+    flush = None if args.warm_cache else H.cache_flusher(device)
+    print(f"cache: {'warm (as the previous call left it)' if flush is None else 'evicted before every timed call'}")
     rows = []
     for B, S, Hh, Dd, P in cases:
-        rows += bench_case(B, S, Hh, Dd, P, device, dtype, impls, compiled, warmup, repeats)
+        rows += bench_case(B, S, Hh, Dd, P, device, dtype, impls, compiled, warmup, repeats, flush)
         print(f"  done B={B} S={S} H={Hh} P={P}", flush=True)
     step_rows = [bench_step(*c, device, warmup, max(3, repeats // 2)) for c in steps]
     csv_path = H.write_csv(rows + step_rows, args.name)

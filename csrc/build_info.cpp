@@ -48,6 +48,11 @@ std::string build_info_json() {
   os << "{" << "\"version\": " << json_string(SP_KERNELS_VERSION) << ", "
      << "\"build_system\": " << json_string(SP_KERNELS_BUILD_SYSTEM) << ", "
      << "\"cpu_kernels\": true, "
+#ifdef _OPENMP
+     << "\"cpu_openmp\": true, "
+#else
+     << "\"cpu_openmp\": false, "
+#endif
      << "\"cuda_kernels\": " << (SP_KERNELS_WITH_CUDA ? "true" : "false") << ", "
      << "\"cuda_archs\": " << json_list(SP_KERNELS_BUILT_ARCHS) << ", "
      << "\"built_with_torch\": " << json_string(SP_KERNELS_TORCH_VERSION) << ", "

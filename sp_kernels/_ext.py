@@ -98,6 +98,8 @@ def build_info() -> dict[str, Any]:
         "native_extension": native,
         "native_error": _error,
         "cpu_kernels": bool(native and info.get("cpu_kernels", False)),
+        # False means every native CPU kernel runs on one thread (see setup.py's openmp_flags).
+        "cpu_openmp": bool(native and info.get("cpu_openmp", False)),
         "cuda_kernels": bool(native and info.get("cuda_kernels", False)),
         "cuda_archs": list(info.get("cuda_archs", [])) if native else [],
         "built_with_torch": info.get("built_with_torch") if native else None,

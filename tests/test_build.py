@@ -20,6 +20,7 @@ EXPECTED_TYPES = {
     "native_extension": bool,
     "native_error": (str, type(None)),
     "cpu_kernels": bool,
+    "cpu_openmp": bool,
     "cuda_kernels": bool,
     "cuda_archs": list,
     "built_with_torch": (str, type(None)),
@@ -63,6 +64,10 @@ def test_native_build_consistent_with_runtime():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("sp_kernels::shard_pad", "CPU")
     if torch.version.cuda is None:
         assert info["cuda_kernels"] is False, "a CPU-only torch cannot have CUDA kernels built against it"
+    # Without -fopenmp, at::parallel_for in our kernels compiles to a serial loop while torch's own
+    # ops use every thread: the CPU kernels would lose to eager torch on any multi-core machine.
+    if getattr(torch._C, "has_openmp", False) and sys.platform != "darwin":
+        assert info["cpu_openmp"] is True, "torch runs on OpenMP but the extension was built without -fopenmp"
 
 
 @pytest.mark.skipif(

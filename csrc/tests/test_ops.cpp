@@ -112,6 +112,8 @@ void test_build_info() {
   check(info.find("\"cpu_kernels\": true") != std::string::npos, "build_info cpu_kernels");
   const bool cuda = info.find("\"cuda_kernels\": true") != std::string::npos;
   check(cuda == static_cast<bool>(SP_KERNELS_EXPECT_CUDA), "build_info cuda_kernels matches the configuration");
+  const bool openmp = info.find("\"cpu_openmp\": true") != std::string::npos;
+  check(openmp == static_cast<bool>(SP_KERNELS_EXPECT_OPENMP), "build_info cpu_openmp matches the configuration");
   const auto op = c10::Dispatcher::singleton().findOp(c10::OperatorName("sp_kernels::shard_pad", ""));
   check(op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CPU), "CPU kernel registered");
   check(op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CUDA) == cuda,
