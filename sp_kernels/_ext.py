@@ -7,6 +7,7 @@ so that ``build_info()`` and errors from a forced native implementation can say 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -55,10 +56,17 @@ def has_native_kernel(op_name: str, device_type: str) -> bool:
     if not load():
         return False
     qualname = op_name if "::" in op_name else f"{NAMESPACE}::{op_name}"
-    if not torch._C._dispatch_has_kernel(qualname):
+    return _has_kernel(qualname, _dispatch_key(device_type))
+
+
+@functools.lru_cache(maxsize=256)
+def _has_kernel(qualname: str, key: str | None) -> bool:
+    # Asked on every op call (implementation choice). The extension registers its kernels when it is
+    # imported, before any query, and never after; the two dispatcher lookups cost 20 us per call
+    # once a large copy has evicted the caches.
+    if key is None or not torch._C._dispatch_has_kernel(qualname):
         return False
-    key = _dispatch_key(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
 
 
 def _dispatch_key(device_type: str) -> str | None:

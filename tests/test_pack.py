@@ -346,7 +346,24 @@ def test_benchmark_smoke(monkeypatch, capsys):
     assert bench.main(["--quick", "--name", "bench_pack_smoke"]) == 0
     out = capsys.readouterr().out
     assert "Ulysses step" in out and "pack_qkv" in out and "unpack_out" in out
-    assert "speedup_vs_eager" in out
+    assert "speedup_vs_eager" in out and "target_met" in out
+
+
+def test_benchmark_counts_eager_passes():
+    # The per-row target (0.95x or 2x) rests on this count: it must see copies, not views.
+    bench = importlib.import_module("benchmarks.bench_pack")
+    g = torch.Generator().manual_seed(3)
+    P, L, B, h, D = 3, 4, 2, 2, 8
+    recvs = [rand((P, L, B, h, D), torch.float32, g) for _ in range(3)]
+    # Sequence-first receive layout: permute + reshape is a view, slicing the padding is the one copy.
+    assert bench.measured_passes(lambda: bench.eager_unpack_qkv(recvs, P * L - 1)) == 1
+    assert bench.measured_passes(lambda: bench.eager_unpack_qkv(recvs, P * L)) == 1  # B > 1: the permute copy
+    one = [r[:, :, :1].contiguous() for r in recvs]
+    assert bench.measured_passes(lambda: bench.eager_unpack_qkv(one, P * L)) == 0  # B = 1, no padding: views
+    q = rand((1, 6, 5, D), torch.float32, g)  # 5 heads over P = 3: pad heads, then the transpose copy
+    assert bench.measured_passes(lambda: bench.eager_pack_qkv(q, q, q, P)) == 2
+    assert bench.measured_passes(lambda: q.view(6, 5, D)[:3]) == 0
+    assert bench.target_speedup(1) == 0.95 and bench.target_speedup(2) == 2.0
 
 
 @pytest.mark.skipif(not NATIVE, reason=NATIVE_SKIP)

@@ -7,6 +7,7 @@ or device lacks is an error that says why, never a silent fallback.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 
@@ -41,3 +42,24 @@ def select_impl(op_name: str, device_type: str, candidates: Mapping[str, str | N
             return name
     reasons = "; ".join(f"{name}: {reason}" for name, reason in candidates.items())
     raise RuntimeError(f"no implementation of {op_name} is available on {device_type} ({reasons})")
+
+
+def triton_unavailable_reason(device_type: str) -> str | None:
+    """None when the Triton kernels can run on ``device_type``, else why not.
+
+    Called on every op call (through the ops' candidate lists), so the device test comes first and
+    the import check, which is slow and cannot change within a process, runs at most once: on CPU
+    without the interpreter triton is never imported at all.
+    """
+    if not (device_type == "cuda" or (device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")):
+        return f"triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not on {device_type!r}"
+    return _triton_import_error()
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a missing or broken triton install is "unavailable", with the reason
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None

@@ -29,13 +29,12 @@ torch implementation when gradients are needed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
 from .. import _ext
-from ._dispatch import select_impl
+from ._dispatch import select_impl, triton_unavailable_reason
 
 Tensor = torch.Tensor
 
@@ -263,18 +262,6 @@ def _validate_ways_dest(
 # ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
-
-
-def triton_unavailable_reason(device_type: str) -> str | None:
-    """None when the Triton kernels can run on ``device_type``, else why not."""
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # a broken triton install is "unavailable", with the reason
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if device_type == "cuda" or (device_type == "cpu" and interpret):
-        return None
-    return f"triton runs on cuda (or on cpu under TRITON_INTERPRET=1), not on {device_type!r}"
 
 
 def _candidates(device_type: str) -> dict[str, str | None]:

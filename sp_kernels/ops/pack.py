@@ -32,13 +32,11 @@ gradients takes the (differentiable) torch implementation.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
 from .. import _ext
-from ._dispatch import select_impl
+from ._dispatch import select_impl, triton_unavailable_reason
 
 Tensor = torch.Tensor
 
@@ -252,16 +250,6 @@ def unpack_out_torch(recv: Tensor, heads: int) -> Tensor:
 # ---- dispatch ----------------------------------------------------------------------------------
 
 
-def _triton_reason(device_type: str) -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if device_type == "cuda":
-        return None
-    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return None
-    return f"triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not on {device_type!r}"
-
-
 def _candidates(op: str, device_type: str) -> dict[str, str | None]:
     if _ext.has_native_kernel(op, device_type):
         native = None
@@ -269,7 +257,7 @@ def _candidates(op: str, device_type: str) -> dict[str, str | None]:
         native = f"the native extension sp_kernels._C is not available ({_ext.native_error()})"
     else:
         native = f"the native extension has no {op} kernel for device type {device_type!r}"
-    return {"native": native, "triton": _triton_reason(device_type), "torch": None}
+    return {"native": native, "triton": triton_unavailable_reason(device_type), "torch": None}
 
 
 @torch.compiler.assume_constant_result
