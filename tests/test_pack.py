@@ -357,7 +357,7 @@ def test_benchmark_counts_eager_passes():
     recvs = [rand((P, L, B, h, D), torch.float32, g) for _ in range(3)]
     # Sequence-first receive layout: permute + reshape is a view, slicing the padding is the one copy.
     assert bench.measured_passes(lambda: bench.eager_unpack_qkv(recvs, P * L - 1)) == 1
-    assert bench.measured_passes(lambda: bench.eager_unpack_qkv(recvs, P * L)) == 1  # B > 1: the permute copy
+    assert bench.measured_passes(lambda: bench.eager_unpack_qkv(recvs, P * L)) == 1  # B > 1: the slice is not contiguous
     one = [r[:, :, :1].contiguous() for r in recvs]
     assert bench.measured_passes(lambda: bench.eager_unpack_qkv(one, P * L)) == 0  # B = 1, no padding: views
     q = rand((1, 6, 5, D), torch.float32, g)  # 5 heads over P = 3: pad heads, then the transpose copy
