@@ -31,7 +31,7 @@ class RankError(RuntimeError):
         return [msg for _, msg, _ in self.errors.values()]
 
 
-def _worker(rank: int, world_size: int, init_method: str, backend: str, timeout_s: float, conn, threads: int):
+def _worker(rank: int, world_size: int, init_method: str, backend: str | None, timeout_s: float, conn, threads: int):
     os.environ["SP_KERNELS_RANK"] = str(rank)
     import torch
     import torch.distributed as dist
@@ -63,8 +63,15 @@ def _worker(rank: int, world_size: int, init_method: str, backend: str, timeout_
     finally:
         from sp_kernels.parallel_state import destroy_sequence_parallel
 
-        destroy_sequence_parallel()
-        dist.destroy_process_group()
+        try:
+            destroy_sequence_parallel()
+        finally:
+            dist.destroy_process_group()
+
+
+def _check_deadline(what: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{what} must be a finite number of seconds > 0, got {value!r}")
 
 
 class RankPool:
@@ -73,12 +80,13 @@ class RankPool:
     def __init__(
         self,
         world_size: int,
-        backend: str = "gloo",
+        backend: str | None = "gloo",
         timeout: float = 120.0,
         threads_per_rank: int = 1,
     ) -> None:
-        if world_size < 1:
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"RankPool needs world_size >= 1, got {world_size}")
+        _check_deadline("RankPool timeout", timeout)
         self.world_size = world_size
         self.backend = backend
         self.timeout = timeout
@@ -103,10 +111,15 @@ class RankPool:
     def run(self, fn: Callable, *args: Any, timeout: float | None = None, **kwargs: Any) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the per-rank results in rank order.
 
-        ``fn`` must be importable by name (a module-level function).
+        ``fn`` must be importable by name (a module-level function). ``timeout`` (seconds, default:
+        the pool's) bounds this call: past it the pool is killed and TimeoutError raised, so a test
+        that makes one rank skip a collective on purpose passes a short one. A rank that raises
+        leaves the pool usable: its error comes back in a RankError once every rank has answered.
         """
         if not self.alive:
             raise RuntimeError("this RankPool was closed or broken by an earlier timeout")
+        if timeout is not None:
+            _check_deadline("RankPool.run timeout", timeout)
         deadline = timeout if timeout is not None else self.timeout
         for conn in self._conns:
             conn.send((fn, args, kwargs))
