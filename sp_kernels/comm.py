@@ -14,12 +14,13 @@ stream, ordered against the compute stream by events only (no host synchronizati
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from .parallel_state import device_of_group, group_rank, group_size
+from .parallel_state import device_of_group, group_backends, group_rank, group_size
 
 Tensor = torch.Tensor
 
@@ -43,20 +44,37 @@ def all_to_all(send: Tensor, group: dist.ProcessGroup | None, out: Tensor | None
     return recv
 
 
-def all_gather_small(values: list[int], group: dist.ProcessGroup | None) -> list[list[int]]:
+# Every metadata exchange has this many int64 slots, so two ranks that reached DIFFERENT exchanges
+# (inputs that differ across ranks steered them apart) still match sizes and can tell, instead of gloo
+# aborting the process on a size mismatch.
+SMALL_SLOTS = 40
+
+
+def all_gather_small(values: list[int], group: dist.ProcessGroup | None, what: str = "metadata") -> list[list[int]]:
     """All-gather a short list of ints (metadata); returns one list per rank of ``group``.
 
-    On NCCL the tensor lives on the GPU, so reading the result is a host synchronization.
+    Raises on every rank when the ranks are not in the same exchange (``what`` names it). On NCCL
+    the tensor lives on the GPU, so reading the result is a host synchronization.
     """
     size = group_size(group)
     if size == 1:
         return [list(values)]
+    if len(values) > SMALL_SLOTS - 2:
+        raise ValueError(f"all_gather_small: {len(values)} values do not fit {SMALL_SLOTS - 2} slots")
+    tag = zlib.crc32(what.encode())
+    padded = [tag, len(values), *values] + [0] * (SMALL_SLOTS - 2 - len(values))
     device = device_of_group(group)
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    out = torch.empty(size * len(values), dtype=torch.int64, device=device)
+    mine = torch.tensor(padded, dtype=torch.int64, device=device)
+    out = torch.empty(size * SMALL_SLOTS, dtype=torch.int64, device=device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, mine, group=group)
-    return out.view(size, len(values)).tolist()
+    rows = out.view(size, SMALL_SLOTS).tolist()
+    if any(r[0] != tag or r[1] != len(values) for r in rows):
+        raise RuntimeError(
+            f"sp_kernels: the ranks reached different collectives (this rank: {what}); their inputs or plans "
+            "differ, so they took different paths. Every rank must run the same model on inputs of the same shape"
+        )
+    return [r[2 : 2 + len(values)] for r in rows]
 
 
 class RingComm(Protocol):
@@ -81,8 +99,8 @@ class TorchRingComm:
         self.group = group
         self.rank = group_rank(group)
         self.size = group_size(group)
-        # The device type the group's tensors must live on (gloo: cpu, nccl: cuda), for clear errors.
-        self.device_type = device_of_group(group).type
+        # The device types the group can send ("cpu:gloo,cuda:nccl" serves both), for clear errors.
+        self.device_types = frozenset(group_backends(group)) if group is not None else None
         if group is not None:
             self._next = dist.get_global_rank(group, (self.rank + 1) % self.size)
             self._prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
@@ -105,15 +123,15 @@ class TorchRingComm:
 def check_comm_device(comm: object, device: torch.device) -> None:
     """Raise a clear ValueError when the tensors live where the communicator cannot send them.
 
-    gloo crashes on CUDA tensors and NCCL cannot send CPU tensors; a comm without ``device_type``
+    gloo crashes on CUDA tensors and NCCL cannot send CPU tensors; a comm without ``device_types``
     (a test double) accepts anything.
     """
-    want = getattr(comm, "device_type", None)
-    if want is not None and want != device.type:
+    want = getattr(comm, "device_types", None)
+    if want is not None and device.type not in want:
         raise ValueError(
-            f"ring: the tensors are on {device} but the ring process group communicates {want} tensors "
-            f"({'gloo' if want == 'cpu' else 'nccl'}); move the tensors to {want} or build the group with "
-            f"the {'nccl' if device.type == 'cuda' else 'gloo'} backend"
+            f"ring: the tensors are on {device} but the ring process group communicates {sorted(want)} tensors; "
+            f"move the tensors there or build the group with a backend for {device.type} "
+            f"({'nccl' if device.type == 'cuda' else 'gloo'}, e.g. init_process_group('cpu:gloo,cuda:nccl'))"
         )
 
 
@@ -150,7 +168,7 @@ class StreamOrderedComm:
         self.stream = stream
         self.rank = inner.rank
         self.size = inner.size
-        self.device_type = getattr(inner, "device_type", None)
+        self.device_types = getattr(inner, "device_types", None)
 
     def _check(self, t: Tensor) -> None:
         if t.device.type != "cuda" or t.device.index != self.stream.device.index:

@@ -1,14 +1,18 @@
 """Split/gather hooks that apply an ``_sp_plan`` to a model without touching its ``forward()``.
 
-``apply_sequence_parallel`` resolves and checks the whole plan first, then registers torch module
-hooks; nothing is registered when anything is wrong, and ``remove_sequence_parallel`` removes
-exactly the handles it registered. A root hook gives every forward its own SPContext (the sharded
-region and the recorded layouts), reset even when the forward raises.
+``apply_sequence_parallel`` resolves and checks the whole plan first (and, on several ranks, agrees
+that every rank could), then registers torch module hooks; nothing is registered when anything is
+wrong, and ``remove_sequence_parallel`` removes exactly what it added. A wrapper around the model's
+forward gives every forward its own SPContext (the record of what was sharded, see context.py) and
+runs the root's own splits and gathers inside it, so the context is reset however the forward ends.
+An exception inside a sharded forward marks the SP state broken: another rank may be waiting in a
+collective this one skipped, so later calls raise until SP is removed and applied again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -20,7 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from .context import _CURRENT_CTX, SPContext
+from . import parallel_state
+from .context import _CURRENT_CTX, SPContext, layout_of, running_context
 from .parallel_state import SequenceParallelConfig, SPState, get_sp_state, init_sequence_parallel
 from .sp_plan import (
     SequenceParallelJointInput,
@@ -39,20 +44,24 @@ _APPLIED_ATTR = "_sp_kernels_applied"
 class _Applied:
     state: SPState
     plan: dict
+    owner: str = "model"
     handles: list[RemovableHandle] = field(default_factory=list)
     warned: set = field(default_factory=set)
-    default_ctx: SPContext | None = None
-    # ContextVar tokens of the forwards in flight (re-entrant calls nest).
-    tokens: list = field(default_factory=list)
+    # The model's own forward before apply wrapped it (None: it had no instance attribute).
+    forward_before: Any = None
+    forward_wrapper: Any = None
 
-    def context(self) -> SPContext:
-        """The running forward's context when it belongs to this state, else this model's own."""
-        ctx = _CURRENT_CTX.get()
-        if ctx is not None and ctx.state is self.state:
-            return ctx
-        if self.default_ctx is None:
-            self.default_ctx = SPContext(state=self.state)
-        return self.default_ctx
+    def context(self, key: str) -> SPContext:
+        """The running forward's context. A planned submodule called on its own (outside a forward of
+        the model) would shard its input and never gather it: refused."""
+        ctx = running_context()
+        if ctx is None or ctx.state is not self.state:
+            raise RuntimeError(
+                f"_sp_plan[{key!r}] of {self.owner} ran outside a forward of the {self.owner} sequence parallelism "
+                "was applied to (a planned submodule called directly); its split would never be gathered and its "
+                "attention would see one shard. Call the whole model, or remove_sequence_parallel(model) first"
+            )
+        return ctx
 
     def dims_mismatch(self, key: str, name: Any, expected: int, got: torch.Tensor, action: str) -> None:
         msg = (
@@ -217,7 +226,34 @@ def _split_tensor(
         )
     if size == 1:
         return x
-    return shard_and_record(x, dim, applied.context(), size, state.sp_rank, text_len)
+    ctx = applied.context(key)
+    group = getattr(spec, "shard_group", None)
+    out = shard_and_record(x, dim, ctx, size, state.sp_rank, text_len, source=f"_sp_plan[{key!r}][{name!r}]")
+    if group is not None:
+        ctx.record_group(group, layout_of(out), f"_sp_plan[{key!r}][{name!r}]")  # type: ignore[arg-type]
+    return out
+
+
+def _split_value(applied: _Applied, key: str, name: Any, spec: Any, value: Any, sig: _Signature, args, kwargs) -> Any:
+    """Split one argument or output per its spec; a list of specs splits a list/tuple argument element-wise."""
+    if isinstance(spec, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(spec):
+            got = f"a {type(value).__name__} of {len(value)}" if isinstance(value, (list, tuple)) else (
+                f"a {type(value).__name__}")
+            raise ValueError(
+                f"_sp_plan[{key!r}][{name!r}] lists {len(spec)} specs, so the argument must be a list or tuple of "
+                f"{len(spec)} tensors (element i split by spec i); got {got}"
+            )
+        items = [
+            v if s is None or v is None else _split_value(applied, key, f"{name}[{i}]", s, v, sig, args, kwargs)
+            for i, (s, v) in enumerate(zip(spec, value))
+        ]
+        return _rebuild_output(value, items)
+    if isinstance(spec, SequenceParallelJointInput):
+        _record_joint(applied, key, name, spec, value)
+        return value
+    prefix = _text_len(key, name, spec, sig, args, kwargs) if isinstance(spec, SequenceParallelPartialInput) else 0
+    return _split_tensor(applied, key, name, spec, value, prefix)
 
 
 def _record_joint(applied: _Applied, key: str, name: Any, spec: SequenceParallelJointInput, x: Any) -> None:
@@ -234,7 +270,9 @@ def _record_joint(applied: _Applied, key: str, name: Any, spec: SequenceParallel
             f"_sp_plan[{key!r}][{name!r}]: seq_dim={spec.seq_dim} is out of range for shape {tuple(x.shape)}"
         )
     if applied.state.sp_size > 1:
-        applied.context().record_joint(x.size(spec.seq_dim % x.dim()), spec.joint_strategy)
+        applied.context(key).record_joint(
+            x.size(spec.seq_dim % x.dim()), spec.joint_strategy, source=f"_sp_plan[{key!r}][{name!r}]"
+        )
 
 
 def _gather_tensor(applied: _Applied, key: str, index: int, spec: SequenceParallelOutput, x: Any) -> Any:
@@ -251,14 +289,13 @@ def _gather_tensor(applied: _Applied, key: str, index: int, spec: SequenceParall
     state = applied.state
     if state.sp_size == 1:
         return x
-    ctx = applied.context()
-    if not ctx.sharded:
-        # Gathering a replicated tensor would repeat it sp_size times: a silent wrong answer.
-        raise RuntimeError(
-            f"_sp_plan[{key!r}] output {index}: gather requested but the sequence is not sharded in this forward "
-            "(no split ran before it, or every split was skipped by expected_dims); check the plan's split keys"
-        )
-    return gather_and_trim(x, spec.gather_dim % x.dim(), ctx, state.sp_group, state.sp_size, state.sp_rank)
+    ctx = applied.context(key)
+    what = f"_sp_plan[{key!r}] output {index}"
+    layout = ctx.group_layout(spec.shard_group, what) if spec.shard_group is not None else None
+    return gather_and_trim(
+        x, spec.gather_dim % x.dim(), ctx, state.sp_group, state.sp_size, state.sp_rank, what=what, strict=True,
+        layout=layout, group_name=spec.shard_group,
+    )
 
 
 def _text_len(key: str, name: Any, spec: SequenceParallelPartialInput, sig: _Signature, args, kwargs) -> int:
@@ -271,13 +308,15 @@ def _text_len(key: str, name: Any, spec: SequenceParallelPartialInput, sig: _Sig
             f"_sp_plan[{key!r}][{name!r}]: text_len_source {src!r} was not passed to forward, so the replicated "
             "prefix length is unknown"
         )
-    if isinstance(value, torch.Tensor):
-        return value.size(1) if value.dim() >= 2 else value.size(0)
-    if isinstance(value, int) and not isinstance(value, bool):
+    # vLLM-Omni's meaning: the length of the named tensor's first dim (its example: txt_ids [T, 3] -> T).
+    if isinstance(value, torch.Tensor) and value.dim() >= 1:
+        return value.size(0)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     raise ValueError(
-        f"_sp_plan[{key!r}][{name!r}]: text_len_source {src!r} is a {type(value).__name__}; expected a tensor "
-        "(its dim 1 is the prefix length) or an int"
+        f"_sp_plan[{key!r}][{name!r}]: text_len_source {src!r} is {type(value).__name__} "
+        f"{tuple(value.shape) if isinstance(value, torch.Tensor) else value!r}; expected a tensor whose dim 0 is the "
+        "prefix length (e.g. txt_ids [T, 3]) or an int >= 0"
     )
 
 
@@ -288,12 +327,7 @@ def _make_split_pre_hook(applied: _Applied, key: str, specs: dict, sig: _Signatu
             value, where = sig.get(name, args, kwargs)
             if where is None or value is None:
                 continue
-            if isinstance(spec, SequenceParallelJointInput):
-                _record_joint(applied, key, name, spec, value)
-                continue
-            prefix = _text_len(key, name, spec, sig, args, kwargs) if isinstance(
-                spec, SequenceParallelPartialInput) else 0
-            sig.put(args, kwargs, where, _split_tensor(applied, key, name, spec, value, prefix))
+            sig.put(args, kwargs, where, _split_value(applied, key, name, spec, value, sig, args, kwargs))
         return tuple(args), kwargs
 
     return hook
@@ -308,14 +342,8 @@ def _make_split_output_hook(applied: _Applied, key: str, specs: dict, sig: _Sign
                     f"_sp_plan[{key!r}][{index}]: output index out of range; the module returned "
                     f"{_describe(output)}"
                 )
-            if isinstance(spec, SequenceParallelJointInput):
-                if items[index] is not None:
-                    _record_joint(applied, key, index, spec, items[index])
-                continue
-            prefix = _text_len(key, index, spec, sig, args, kwargs) if isinstance(
-                spec, SequenceParallelPartialInput) else 0
             if items[index] is not None:
-                items[index] = _split_tensor(applied, key, index, spec, items[index], prefix)
+                items[index] = _split_value(applied, key, index, spec, items[index], sig, args, kwargs)
         return _rebuild_output(output, items)
 
     return hook
@@ -331,8 +359,6 @@ def _make_gather_hook(applied: _Applied, key: str, specs: list) -> Callable:
         for i, spec in enumerate(specs):
             if spec is not None and items[i] is not None:
                 items[i] = _gather_tensor(applied, key, i, spec, items[i])
-        if applied.state.sp_size > 1 and any(s is not None for s in specs):
-            applied.context().sharded = False
         return _rebuild_output(output, items)
 
     return hook
@@ -351,37 +377,13 @@ def _default_config() -> SequenceParallelConfig:
     return SequenceParallelConfig()
 
 
-def apply_sequence_parallel(
-    model: nn.Module, config: SequenceParallelConfig | None = None, plan: dict | None = None
-) -> nn.Module:
-    """Register the split/gather hooks of ``plan`` (default: ``model._sp_plan``) on ``model``.
-
-    ``config`` defaults to the current SP state's config, else Ulysses over the whole world.
-    Collective when it has to build process groups: call it on every rank. Raises (and leaves the
-    model untouched) on an invalid plan, unknown module key or parameter, degrees that do not fit
-    the world, or when SP is already applied.
-    """
+def _resolve_plan(model: nn.Module, plan: dict) -> list[tuple[str, nn.Module, Any, _Signature]]:
+    """Every (key, module, spec, signature) of ``plan``; raises, naming the key, before anything is touched."""
     cls = type(model).__name__
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"apply_sequence_parallel expects an nn.Module, got {cls}")
-    if getattr(model, _APPLIED_ATTR, None) is not None:
-        raise RuntimeError(
-            f"sequence parallelism is already applied to this {cls}; call remove_sequence_parallel(model) first"
-        )
-    if plan is None:
-        plan = getattr(model, "_sp_plan", None)
-        if plan is None:
-            raise ValueError(f"{cls} has no _sp_plan and no plan was given to apply_sequence_parallel")
     try:
         validate_sp_plan(plan)
     except ValueError as e:
         raise ValueError(f"{cls}: {e}") from e
-    if config is None:
-        config = _default_config()
-    if not isinstance(config, SequenceParallelConfig):
-        raise TypeError(f"config must be a SequenceParallelConfig, got {type(config).__name__}")
-
-    # Resolve everything before touching the model.
     resolved: list[tuple[str, nn.Module, Any, _Signature]] = []
     split_owner: dict[int, str] = {}
     for key, spec in plan.items():
@@ -407,61 +409,156 @@ def apply_sequence_parallel(
                     )
                 split_owner[id(m)] = key
             resolved.append((key, m, spec, sig))
+    return resolved
+
+
+def _agree(error: BaseException | None, config: object, what: str) -> None:
+    """Raise on every rank when setup failed on any (a rank that raised alone would leave the others
+    waiting in the process-group creation that follows)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Over the world with its own timeout (the SP timeout bounds the SP groups' collectives only).
+        parallel_state.agree_on_setup(error, None, what)
+    elif error is not None:
+        raise error
+
+
+def apply_sequence_parallel(
+    model: nn.Module, config: SequenceParallelConfig | None = None, plan: dict | None = None
+) -> nn.Module:
+    """Register the split/gather hooks of ``plan`` (default: ``model._sp_plan``) on ``model``.
+
+    ``config`` defaults to the current SP state's config, else Ulysses over the whole world.
+    Collective when it has to build process groups: call it on every rank. Everything that can be
+    checked locally is checked first; when it fails on any rank, every rank raises (and the model
+    is left untouched): an invalid plan, unknown module key or parameter, degrees that do not fit
+    the world, or SP already applied.
+    """
+    cls = type(model).__name__
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_sequence_parallel expects an nn.Module, got {cls}")
+    if config is None:
+        config = _default_config()
+    error: BaseException | None = None
+    resolved: list[tuple[str, nn.Module, Any, _Signature]] = []
+    try:
+        if not isinstance(config, SequenceParallelConfig):
+            raise TypeError(f"config must be a SequenceParallelConfig, got {type(config).__name__}")
+        if getattr(model, _APPLIED_ATTR, None) is not None:
+            raise RuntimeError(
+                f"sequence parallelism is already applied to this {cls}; call remove_sequence_parallel(model) first"
+            )
+        if plan is None:
+            plan = getattr(model, "_sp_plan", None)
+            if plan is None:
+                raise ValueError(f"{cls} has no _sp_plan and no plan was given to apply_sequence_parallel")
+        resolved = _resolve_plan(model, plan)
+    except Exception as e:  # noqa: BLE001 - handed to every rank by _agree
+        error = e
+    _agree(error, config, f"apply_sequence_parallel({cls})")
 
     state = init_sequence_parallel(config)
-    applied = _Applied(state=state, plan=plan)
+    applied = _Applied(state=state, plan=plan, owner=cls)
+    root_pre: list[Callable] = []
+    root_post: list[Callable] = []
     try:
-        applied.handles.append(model.register_forward_pre_hook(_make_enter_hook(applied), prepend=True))
         for key, m, spec, sig in resolved:
+            hooks: list[tuple[str, Callable]] = []
             if isinstance(spec, dict):
-                ins = {k: v for k, v in spec.items() if not v.split_output}
-                outs = {k: v for k, v in spec.items() if v.split_output}
+                # List-valued entries (a list/tuple argument) are inputs: vLLM-Omni allows them under str keys only.
+                outs = {k: v for k, v in spec.items() if not isinstance(v, (list, tuple)) and v.split_output}
+                ins = {k: v for k, v in spec.items() if k not in outs}
                 if ins:
-                    applied.handles.append(
-                        m.register_forward_pre_hook(_make_split_pre_hook(applied, key, ins, sig), with_kwargs=True)
-                    )
+                    hooks.append(("pre", _make_split_pre_hook(applied, key, ins, sig)))
                 if outs:
-                    applied.handles.append(
-                        m.register_forward_hook(_make_split_output_hook(applied, key, outs, sig), with_kwargs=True)
-                    )
+                    hooks.append(("post", _make_split_output_hook(applied, key, outs, sig)))
             else:
                 specs = [spec] if isinstance(spec, SequenceParallelOutput) else list(spec)
-                applied.handles.append(
-                    m.register_forward_hook(_make_gather_hook(applied, key, specs), with_kwargs=True)
-                )
-        applied.handles.append(model.register_forward_hook(_make_exit_hook(applied), always_call=True))
+                hooks.append(("post", _make_gather_hook(applied, key, specs)))
+            for kind, hook in hooks:
+                if m is model:
+                    # The root's own splits and gathers run inside the forward wrapper, where the context lives.
+                    (root_pre if kind == "pre" else root_post).append(hook)
+                elif kind == "pre":
+                    applied.handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+                else:
+                    applied.handles.append(m.register_forward_hook(hook, with_kwargs=True))
+        _wrap_forward(model, applied, root_pre, root_post)
     except BaseException:
         for h in applied.handles:
             h.remove()
+        _unwrap_forward(model, applied)
         raise
     setattr(model, _APPLIED_ATTR, applied)
     return model
 
 
-def _make_enter_hook(applied: _Applied) -> Callable:
-    def hook(module: nn.Module, args: tuple):
-        applied.tokens.append(_CURRENT_CTX.set(SPContext(state=applied.state)))
+def _wrap_forward(model: nn.Module, applied: _Applied, root_pre: list[Callable], root_post: list[Callable]) -> None:
+    """Give every forward its own context, set before the root's splits and reset however the forward
+    ends: torch runs forward hooks marked always_call only on Exception, so a KeyboardInterrupt would
+    leave a hook-managed context behind (and later attention would communicate)."""
+    orig = model.forward
+    cls = type(model).__name__
+    state = applied.state
 
-    return hook
+    @functools.wraps(orig)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if applied.forward_wrapper is None:  # removed while someone else's wrapper sat on top of ours
+            return orig(*args, **kwargs)
+        state.raise_if_broken(f"{cls}.forward")
+        ctx = SPContext(state=state)
+        token = _CURRENT_CTX.set(ctx)
+        try:
+            for hook in root_pre:
+                changed = hook(model, args, kwargs)
+                if changed is not None:
+                    args, kwargs = changed
+            output = orig(*args, **kwargs)
+            for hook in root_post:
+                changed = hook(model, args, kwargs, output)
+                if changed is not None:
+                    output = changed
+            return output
+        except BaseException as e:
+            if state.sp_size > 1:
+                # Even before its first collective: the other ranks may already wait in one, and this rank's
+                # next forward would be matched against it.
+                state.mark_broken(f"{type(e).__name__} inside a forward of {cls}: {e}")
+            raise
+        finally:
+            _CURRENT_CTX.reset(token)
+
+    applied.forward_before = model.__dict__.get("forward")
+    applied.forward_wrapper = forward
+    model.forward = forward
 
 
-def _make_exit_hook(applied: _Applied) -> Callable:
-    def hook(module: nn.Module, args: tuple, output: Any):
-        if applied.tokens:
-            _CURRENT_CTX.reset(applied.tokens.pop())
-
-    return hook
+def _unwrap_forward(model: nn.Module, applied: _Applied) -> None:
+    wrapper, applied.forward_wrapper = applied.forward_wrapper, None
+    if wrapper is None or model.__dict__.get("forward") is not wrapper:
+        return  # not wrapped, or wrapped again on top of ours: ours is now a pass-through
+    if applied.forward_before is None:
+        del model.forward
+    else:
+        model.forward = applied.forward_before
 
 
 def remove_sequence_parallel(model: nn.Module) -> nn.Module:
-    """Remove every hook ``apply_sequence_parallel`` registered; the model runs exactly as before."""
+    """Remove every hook ``apply_sequence_parallel`` registered; the model runs exactly as before.
+
+    After an error inside a sharded region the SP state is broken (its process groups may have seen
+    a collective that another rank skipped); removing forgets that state, so the next apply builds
+    fresh groups.
+    """
     applied = getattr(model, _APPLIED_ATTR, None)
     if applied is None:
         raise ValueError(f"sequence parallelism is not applied to this {type(model).__name__}; nothing to remove")
     for h in applied.handles:
         h.remove()
+    _unwrap_forward(model, applied)
     for release in applied.state._cache.pop("release_callbacks", []):
         release()
+    if applied.state.broken is not None:
+        parallel_state.discard_state(applied.state)
     delattr(model, _APPLIED_ATTR)
     return model
 

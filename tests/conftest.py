@@ -28,3 +28,28 @@ def rank_pool():
     pools = _Pools()
     yield pools
     pools.close()
+
+
+@pytest.fixture(autouse=True)
+def _deadline():
+    """A per-test deadline, so the suite itself never hangs: a test still running after
+    SP_KERNELS_TEST_DEADLINE seconds (default 900) fails with a TimeoutError raised in the main thread
+    (collectives run in the rank processes; the pool's own per-call deadline kills those)."""
+    import os
+    import signal
+
+    seconds = int(os.environ.get("SP_KERNELS_TEST_DEADLINE", "900"))
+    if not hasattr(signal, "SIGALRM") or seconds <= 0:
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"test exceeded its {seconds}s deadline (SP_KERNELS_TEST_DEADLINE)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

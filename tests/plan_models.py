@@ -137,7 +137,7 @@ class RootSplitDiT(TinyDiT):
 
 
 class UnifiedPrepare(nn.Module):
-    def forward(self, img, text):
+    def forward(self, img, text, txt_ids):
         return (torch.cat([text, img], dim=1),)
 
 
@@ -145,7 +145,8 @@ class PartialDiT(nn.Module):
     """A unified [text | image] sequence: only the image part is sharded (SequenceParallelPartialInput)."""
 
     _sp_plan = {
-        "unified": {0: SPP(split_dim=1, text_len_source="text", expected_dims=3, split_output=True)},
+        # vLLM-Omni's form: the prefix length is dim 0 of a [T, 3] position-id tensor.
+        "unified": {0: SPP(split_dim=1, text_len_source="txt_ids", expected_dims=3, split_output=True)},
         "proj_out": SPO(gather_dim=1, expected_dims=3),
     }
 
@@ -157,8 +158,8 @@ class PartialDiT(nn.Module):
         self.probe = Probe()
         self.proj_out = nn.Linear(DIM, 4)
 
-    def forward(self, img, text):
-        (h,) = self.unified(self.embed(img), text)
+    def forward(self, img, text, txt_ids):
+        (h,) = self.unified(self.embed(img), text, txt_ids)
         h = self.probe(h + self.mlp(h))
         return self.proj_out(h)
 
@@ -191,7 +192,8 @@ def make_inputs(kind: str, seq: int, batch: int = 2, seed: int = 0) -> dict:
     if kind == "root":
         return {"x": x, "temb": temb, "full_len": seq}
     if kind == "partial":
-        return {"img": x, "text": torch.randn(batch, 3, DIM, generator=g, dtype=torch.float64)}
+        text = torch.randn(batch, 3, DIM, generator=g, dtype=torch.float64)
+        return {"img": x, "text": text, "txt_ids": torch.randn(3, 3, generator=g, dtype=torch.float64)}
     if kind == "intrusive":
         return {"x": x, "temb": temb, "token_bias": torch.randn(batch, seq, DIM, generator=g, dtype=torch.float64)}
     return {"x": x, "temb": temb}

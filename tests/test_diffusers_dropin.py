@@ -109,12 +109,13 @@ def test_registration_and_lazy_import():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_unsupported_arguments_raise():
+def test_unsupported_arguments_raise(monkeypatch):
     from types import SimpleNamespace
 
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-    import sp_kernels.integrations.diffusers  # noqa: F401 - registers the backends
+    import sp_kernels.integrations.diffusers as diffusers_integration
+    from sp_kernels.parallel_state import SequenceParallelConfig, SPState
 
     fn = _AttentionBackendRegistry._backends[AttentionBackendName("fused_ring")]
     gen = torch.Generator().manual_seed(0)
@@ -122,6 +123,10 @@ def test_unsupported_arguments_raise():
     mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
     mask[..., -2:] = False
     cp = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
+    # A state without process groups: the refusal travels through the (here one-rank) agreement exchange,
+    # which is how every rank of a real group raises it together.
+    state = SPState(config=SequenceParallelConfig(ring_degree=2))
+    monkeypatch.setattr(diffusers_integration, "sp_state_for", lambda cp_config: state)
     with pytest.raises(NotImplementedError, match="attention masks"):
         fn(q, k, v, attn_mask=mask, _parallel_config=cp)
     with pytest.raises(NotImplementedError, match="dropout_p"):

@@ -86,7 +86,7 @@ class RecordingComm:
 
     def __init__(self, group, log: list) -> None:
         self.inner = TorchRingComm(group)
-        self.rank, self.size, self.device_type = self.inner.rank, self.inner.size, self.inner.device_type
+        self.rank, self.size, self.device_types = self.inner.rank, self.inner.size, self.inner.device_types
         self.log = log
 
     def post(self, send, recv):
@@ -278,9 +278,9 @@ def test_fused_ring_bad_inputs_raise(rank_pool):
 
 def test_device_mismatch_raises():
     class NcclLike:
-        rank, size, device_type = 0, 2, "cuda"
+        rank, size, device_types = 0, 2, frozenset({"cuda"})
 
-    with pytest.raises(ValueError, match="on cpu but the ring process group communicates cuda"):
+    with pytest.raises(ValueError, match=r"on cpu but the ring process group communicates \['cuda'\] tensors"):
         check_comm_device(NcclLike(), torch.device("cpu"))
     check_comm_device(NcclLike(), torch.device("cuda", 0))  # matching: no error
 
@@ -320,7 +320,7 @@ def test_stream_ordering_with_fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", use)
 
     class Inner:
-        rank, size, device_type = 0, 2, "cuda"
+        rank, size, device_types = 0, 2, frozenset({"cuda"})
 
         def post(self, send, recv):
             log.append(("post", current[-1].name))

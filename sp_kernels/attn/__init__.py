@@ -1,22 +1,26 @@
 """``attention()``: one entry point for local and sequence-parallel attention, and its backend registry.
 
-Layout ``[batch, seq, heads, head_dim]`` (BSHD) for every tensor. Inside a sharded region (between
-a split and its gather, see context.py) the configured backend communicates; outside it, or with
-``backend="local"``, this is plain attention on the tensors given (``"local"`` is also the right
-choice for cross-attention against replicated tokens inside a sharded region). See docs/attention.md.
+Layout ``[batch, seq, heads, head_dim]`` (BSHD) for every tensor. Inside a sharded region the record
+of what was sharded (context.py) decides what the inputs are (``read_roles``); sharded
+self-attention runs on the configured backend, cross-attention to recorded sharded K/V all-gathers
+them, and everything else is plain attention on the tensors given. ``backend="local"`` (or
+``Attention(skip_sequence_parallel=True)``, vLLM-Omni's name) declares attention that must stay on
+this rank, e.g. cross-attention to replicated tokens. See docs/attention.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..comm import all_gather_small
 from ..context import ShardLayout, SPContext, current_context
 from ..parallel_state import BACKEND_NAMES, SPState
-from .agreement import check_enabled, exchange_rows
+from ..sp_sharding import _all_gather_cat
+from .agreement import exchange_rows
 from .call import AttentionCall, Joint, validate_inputs
 from .local import NoKernelError, block_attention, block_kernel_names, register_block_kernel
 from .ring import ring_attention
@@ -31,13 +35,17 @@ __all__ = [
     "Attention",
     "AttentionCall",
     "NoKernelError",
+    "Roles",
     "attention",
     "block_attention",
     "block_kernel_names",
+    "effective_mask",
     "register_backend",
     "register_block_kernel",
+    "read_roles",
     "registered_backends",
     "resolve_backend",
+    "sharded_attention",
 ]
 
 
@@ -80,15 +88,33 @@ def resolve_backend(backend: str | None, state: SPState | None) -> str:
     return name
 
 
-def _local(query: Tensor, key: Tensor, value: Tensor, scale: float, causal: bool, joint: Joint | None) -> Tensor:
-    if joint is not None:
-        front = joint.strategy == "front"
-        query, key, value = (
-            torch.cat([j, x] if front else [x, j], dim=1)
-            for j, x in ((joint.query, query), (joint.key, key), (joint.value, value))
-        )
-    out, _ = block_attention(query, key, value, softmax_scale=scale, causal=causal)
-    return out.contiguous()
+def _join(query: Tensor, key: Tensor, value: Tensor, joint: Joint | None) -> tuple[Tensor, Tensor, Tensor]:
+    if joint is None:
+        return query, key, value
+    front = joint.strategy == "front"
+    return tuple(  # type: ignore[return-value]
+        torch.cat([j, x] if front else [x, j], dim=1)
+        for j, x in ((joint.query, query), (joint.key, key), (joint.value, value))
+    )
+
+
+def _local(
+    query: Tensor, key: Tensor, value: Tensor, scale: float, causal: bool, joint: Joint | None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Attention on the tensors given (joint rows joined in strategy order); a mask goes to torch SDPA."""
+    query, key, value = _join(query, key, value, joint)
+    if mask is None:
+        out, _ = block_attention(query, key, value, softmax_scale=scale, causal=causal)
+        return out.contiguous()
+    hq, hk = query.shape[2], key.shape[2]
+    if hk != hq:
+        key, value = (t.repeat_interleave(hq // hk, dim=2) for t in (key, value))
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, is_causal=causal,
+        scale=scale,
+    )
+    return out.transpose(1, 2).contiguous()
 
 
 def _split_replicated(
@@ -116,40 +142,75 @@ def _split_replicated(
     return seq[0], seq[1], seq[2], Joint(rep[0], rep[1], rep[2], strategy)
 
 
-def _replicated(query: Tensor, key: Tensor, state: SPState) -> bool:
-    """Whether every SP rank holds the same q and k (collective; every rank takes this path together,
-    since layouts and joint lengths are the same on all of them). Asked only when the row count fits
-    both the replicated joint tokens and a rank's shard, which shapes alone cannot tell apart."""
-    sums = torch.stack([t.double().sum() for t in (query, key)] + [t.double().square().sum() for t in (query, key)])
-    mine = sums.cpu().view(torch.int64).tolist()
-    return all(other == mine for other in all_gather_small(mine, state.host_group))
+@dataclass(frozen=True)
+class Roles:
+    """What the record says about one attention call's inputs.
+
+    ``query``: "sharded" (``q_layout`` when recorded, None for a shard nobody recorded, e.g. cut by
+    hand) or "replicated". ``kv``: "same" (self-attention: K/V cut like the query), "replicated"
+    (nothing sharded a sequence of that length: cross-attention to replicated tokens, attended
+    locally) or "sharded" (another recorded sequence, ``kv_layout``: all-gathered first).
+    """
+
+    query: str
+    q_layout: ShardLayout | None
+    kv: str
+    kv_layout: ShardLayout | None = None
 
 
-def _find_layout(ctx: SPContext, rows: int) -> ShardLayout | None:
-    """The layout of an attention input with ``rows`` local rows; two candidates would be a guess, and
-    none while padded sequences exist would attend padding rows."""
-    found = ctx.attention_layouts(rows)
+def _unmatched(ctx: SPContext, rows: int, what: str) -> str:
+    known = sorted({lay.local_rows for lay in ctx.layouts} | {
+        lay.local_len + j.rows for lay in ctx.layouts for j in ctx.joints if not lay.prefix_len})
+    return f"{what} has {rows} local rows, which matches no sequence sharded in this forward (local rows: {known})"
+
+
+def read_roles(ctx: SPContext, q_rows: int, k_rows: int) -> Roles:
+    """Decide, from the record of this forward (never from a cross-rank guess), what query and K/V are."""
+    found = ctx.attention_layouts(q_rows)
     if len(found) > 1:
         desc = sorted((lay.true_len, lay.prefix_len, lay.suffix_len) for lay in found)
         raise ValueError(
-            f"attention: {len(found)} sharded sequences of this forward explain {rows} local rows (true length, "
+            f"attention: {len(found)} sharded sequences of this forward explain {q_rows} local rows (true length, "
             f"replicated rows in front, behind: {desc}), so which rows are padding is ambiguous; pad the "
             "sequences to lengths that shard to different local lengths"
         )
-    if found:
-        return found.pop()
-    padded = [lay for lay in ctx.layouts if lay.pad]
-    if padded:
-        known = sorted({lay.local_rows for lay in ctx.layouts} | {
-            lay.local_len + n for lay in ctx.layouts for n, _ in ctx.joints if not lay.prefix_len})
+    q_layout = found.pop() if found else None
+    joint = ctx.joint_rows(q_rows)
+    if q_layout is not None and joint is not None and (q_layout.pad or q_layout.prefix_len or q_layout.suffix_len):
+        # Without padding either reading is exact (replicated rows attended as a shard see every key
+        # sp_size times, which softmax weighs like once); with padding one of them drops real rows.
         raise ValueError(
-            f"attention: the local sequence has {rows} rows, which matches no sharded sequence of this forward "
-            f"(local rows of the recorded layouts: {known}), while auto_pad padded one of them (true length "
-            f"{padded[0].true_len}, {padded[0].pad} padding rows): the padding rows could not be excluded. "
-            "Sequences concatenated inside the model must be declared in the plan: replicated tokens joined to "
-            "the shard as SequenceParallelJointInput, or shard the concatenation once (SequenceParallelPartialInput)"
+            f"attention: the query's {q_rows} local rows match both the replicated joint tokens "
+            f"({joint.source or 'SequenceParallelJointInput'}) and a padded shard ({q_layout.describe()}), so whether "
+            "it is replicated is ambiguous; run attention among the replicated tokens with backend='local' "
+            "(Attention(skip_sequence_parallel=True))"
         )
-    return None
+    if q_layout is not None:
+        query = "sharded"
+    elif joint is not None:
+        query = "replicated"  # replicated joint tokens
+    else:
+        padded = [lay for lay in ctx.layouts if lay.pad]
+        if padded:
+            raise ValueError(
+                f"attention: {_unmatched(ctx, q_rows, 'the query')}, while auto_pad padded one of them "
+                f"({padded[0].describe()}): the padding rows could not be excluded. Sequences concatenated inside "
+                "the model must be declared in the plan: replicated tokens joined to the shard as "
+                "SequenceParallelJointInput, or shard the concatenation once (SequenceParallelPartialInput)"
+            )
+        query = "sharded"  # a shard nobody recorded (or replicated rows: exact either way without padding)
+    if k_rows == q_rows:
+        return Roles(query, q_layout, "same")
+    kv_layout = ctx.layout_for_local(k_rows, "attention (key/value)")
+    if kv_layout is not None:
+        return Roles(query, q_layout, "sharded", kv_layout)
+    if not ctx.layouts:
+        raise ValueError(
+            f"attention: key/value have {k_rows} rows but query has {q_rows}, and no split recorded what is sharded "
+            "in this region, so whether key/value are replicated is unknown. For cross-attention against replicated "
+            "tokens use backend='local'; shard sequences with sp_shard or a plan so that they are recorded."
+        )
+    return Roles(query, q_layout, "replicated")
 
 
 def _check_degrees(name: str, state: SPState) -> None:
@@ -163,27 +224,147 @@ def _check_degrees(name: str, state: SPState) -> None:
         )
 
 
-def _valid_rows(call: AttentionCall, name: str) -> list[int]:
-    """Valid rows of every SP rank; exchanged (and the call checked across ranks) when needed."""
+def _valid_rows(call: AttentionCall, name: str, refusal: str | None) -> list[int]:
+    """Valid rows of every SP rank, exchanged together with the call's metadata (checked across ranks)."""
     state = call.state
     P, U = state.sp_size, state.ulysses_size
-    layout = call.layout
-    needs_lengths = layout is None and name != "ulysses"
-    if check_enabled() or needs_lengths:
-        rows = exchange_rows(call, state.host_group, list(BACKEND_NAMES))
-        if U > 1:
-            for g in range(P // U):
-                local = [rows[g * U + u][0] for u in range(U)]
-                if len(set(local)) > 1:
-                    raise ValueError(
-                        f"attention (backend {name!r}): the Ulysses all-to-all needs equal local lengths in a Ulysses "
-                        f"group, got {local} on sp ranks {g * U}..{g * U + U - 1}; shard with auto_pad "
-                        "(sp_shard(..., auto_pad=True) or SequenceParallelInput(auto_pad=True)) or use the ring backend"
-                    )
-        return [valid for _, valid in rows]
-    if layout is not None:
-        return [layout.valid_rows(r) for r in range(P)]
-    return [call.query.shape[1]] * P
+    rows = exchange_rows(call, state.host_group, list(BACKEND_NAMES), refusal)
+    if U > 1:
+        for g in range(P // U):
+            local = [rows[g * U + u][0] for u in range(U)]
+            if len(set(local)) > 1:
+                raise ValueError(
+                    f"attention (backend {name!r}): the Ulysses all-to-all needs equal local lengths in a Ulysses "
+                    f"group, got {local} on sp ranks {g * U}..{g * U + U - 1}; shard with auto_pad "
+                    "(sp_shard(..., auto_pad=True) or SequenceParallelInput(auto_pad=True)) or use the ring backend"
+                )
+    return [valid for _, valid in rows]
+
+
+def _gather_rows(t: Tensor, dim: int, layout: ShardLayout, state: SPState) -> Tensor:
+    """The full sequence of a shard with ``layout`` on every rank (padding dropped), without autograd."""
+    body = t.narrow(dim, layout.prefix_len, layout.local_len).contiguous()
+    full = _all_gather_cat(body, dim, state.sp_group, state.sp_size, state.host_group).narrow(dim, 0, layout.true_len)
+    parts = [t.narrow(dim, 0, layout.prefix_len), full, t.narrow(dim, layout.prefix_len + layout.local_len,
+                                                                   layout.suffix_len)]
+    return torch.cat([p for p in parts if p.shape[dim]], dim=dim) if layout.prefix_len or layout.suffix_len else full
+
+
+def _zero_padding_rows(out: Tensor, layout: ShardLayout | None, joint: Joint | None, state: SPState) -> Tensor:
+    """auto_pad rows of a sharded query get defined zeros, as the SP backends write them."""
+    if layout is None or not layout.pad:
+        return out
+    valid = layout.valid_rows(state.sp_rank)
+    if valid < layout.local_len:
+        lead = (joint.length if joint is not None and joint.strategy == "front" else 0) + layout.prefix_len
+        out[:, lead + valid : lead + layout.local_len].zero_()
+    return out
+
+
+def _mask_is_trivial(mask: Tensor) -> bool:
+    """True when the mask excludes nothing (all True, or an additive mask of zeros)."""
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
+def effective_mask(mask: Tensor | None, ctx: SPContext | None) -> Tensor | None:
+    """``mask``, or None when it excludes nothing. Judged once per forward and mask tensor (models hand
+    every block the same mask; each judgement reads it back to the host). Per rank: a decision that
+    steers a collective must be taken on data every rank shares."""
+    if mask is None:
+        return None
+    if ctx is None:
+        return None if _mask_is_trivial(mask) else mask
+    memo = ctx.memo.setdefault("trivial_masks", {})
+    # Inference tensors keep no version counter; an in-place edit of the mask within one forward is
+    # then not seen (models build their masks once per forward and never edit them).
+    version = -1 if mask.is_inference() else mask._version
+    seen = memo.get(id(mask))
+    if seen is None or seen[0] is not mask or seen[1] != version:
+        seen = memo[id(mask)] = (mask, version, _mask_is_trivial(mask))
+    return None if seen[2] else mask
+
+
+def sharded_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    joint: Joint | None,
+    backend: str | None,
+    mask: Tensor | None = None,
+    refusal: str | None = None,
+) -> Tensor:
+    """``attention()`` after input validation; ``mask`` (additive or bool, key dim last; one that excludes
+    nothing is dropped) is supported where K/V end up whole on this rank, and ``refusal`` (a reason this
+    rank cannot run the call) is raised on every rank of a communicating call instead of on this rank
+    alone (integrations use both)."""
+    ctx = current_context()
+    state = ctx.state if ctx is not None else None
+    name = resolve_backend(backend, state)
+    if ctx is None or state is None or state.sp_size == 1 or name == "local" or not ctx.sharded:
+        if refusal is not None:
+            raise NotImplementedError(refusal)
+        return _local(query, key, value, scale, causal, joint, effective_mask(mask, ctx))
+    state.raise_if_broken("attention")
+    roles = read_roles(ctx, query.shape[1], key.shape[1])
+    if roles.kv != "same" or roles.query == "replicated":
+        # K/V whole on every rank after (at most) one all-gather: this rank's queries attend locally.
+        if causal:
+            raise ValueError("attention: causal=True needs self-attention over one sequence; got cross-attention")
+        if refusal is not None and roles.kv != "sharded":
+            raise NotImplementedError(refusal)
+        if roles.kv == "sharded":
+            try:
+                layout = roles.kv_layout
+                key, value = (_gather_rows(t, 1, layout, state) for t in (key, value))  # type: ignore[arg-type]
+                # A key mask is a shard too; gathered whether or not this rank's part excludes anything,
+                # so every rank takes the same collectives and judges the same full mask.
+                if mask is not None and mask.shape[-1] == layout.local_rows and layout.local_rows != 1:  # type: ignore[union-attr]
+                    mask = _gather_rows(mask.contiguous(), mask.dim() - 1, layout, state)  # type: ignore[arg-type]
+            except BaseException as e:
+                state.mark_broken(f"{type(e).__name__} while gathering sharded key/value: {e}")
+                raise
+            if refusal is not None:
+                raise NotImplementedError(refusal)
+        out = _local(query, key, value, scale, causal, joint, effective_mask(mask, ctx))
+        return _zero_padding_rows(out, roles.q_layout, joint, state)
+    mask = effective_mask(mask, ctx)
+    if mask is not None and refusal is None:
+        # Raised through the agreement exchange: another rank's mask may exclude nothing.
+        refusal = (
+            f"attention: an attention mask of shape {tuple(mask.shape)} that excludes keys reached self-attention "
+            "over the sharded sequence; sp_kernels excludes padding by layout, not by masks. Masks of padded prompt "
+            "tokens: pass the prompt trimmed to its valid tokens"
+        )
+
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"attention: backend {name!r} is not registered yet; registered: {list(registered_backends())}"
+        )
+    _check_degrees(name, state)
+    grads = [t for t in (query, key, value) if t.requires_grad] + (
+        [t for t in (joint.query, joint.key, joint.value) if t.requires_grad] if joint is not None else [])
+    if grads and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "attention: sequence-parallel backends are forward-only (no backward yet); run under torch.no_grad() "
+            "or torch.inference_mode()"
+        )
+    layout = roles.q_layout
+    if layout is not None and layout.sp_size != state.sp_size:
+        raise ValueError(
+            f"attention: the recorded shard layout is for {layout.sp_size} ranks but the SP group has {state.sp_size}"
+        )
+    if layout is not None and (layout.prefix_len or layout.suffix_len):
+        query, key, value, joint = _split_replicated(query, key, value, joint, layout)
+    call = AttentionCall(query, key, value, scale, causal, joint, name, state, layout)
+    try:
+        return _BACKENDS[name](call, _valid_rows(call, name, refusal))
+    except BaseException as e:
+        # Another rank may now wait in a collective this one left: later calls must not cross with it.
+        state.mark_broken(f"{type(e).__name__} in {name} attention: {e}")
+        raise
 
 
 def attention(
@@ -203,50 +384,24 @@ def attention(
 
     Returns ``[B, J + S_local, Hq, D]``: joint rows first for ``joint_strategy="front"``, last for
     ``"rear"``; the joint rows are identical on every rank. Forward only under SP (no autograd).
+
+    Inside a sharded region the record of this forward (context.py) decides what the inputs are:
+    a query with a sharded sequence's local length is that shard; K/V with the query's length are
+    cut like it (self-attention), K/V with another recorded sequence's length are that sequence
+    (all-gathered, then attended locally), and K/V of a length nothing sharded are replicated
+    (attended locally). Replicated K/V that happen to have exactly the query's local length cannot
+    be told from self-attention: declare such cross-attention with ``backend="local"``.
     """
     scale, joint = validate_inputs(query, key, value, softmax_scale, joint_query, joint_key, joint_value, joint_strategy)
-    ctx = current_context()
-    state = ctx.state if ctx is not None else None
-    name = resolve_backend(backend, state)
-    if ctx is None or state is None or not ctx.sharded or state.sp_size == 1 or name == "local":
-        return _local(query, key, value, scale, causal, joint)
-
-    if name not in _BACKENDS:
-        raise ValueError(
-            f"attention: backend {name!r} is not registered yet; registered: {list(registered_backends())}"
-        )
-    _check_degrees(name, state)
-    if key.shape[1] != query.shape[1]:
-        raise ValueError(
-            f"attention: key/value have {key.shape[1]} rows but query has {query.shape[1]}; sequence-parallel "
-            "backends need self-attention over the sharded sequence. For cross-attention against replicated "
-            "tokens use backend='local'."
-        )
-    grads = [t for t in (query, key, value, joint_query, joint_key, joint_value) if t is not None and t.requires_grad]
-    if grads and torch.is_grad_enabled():
-        raise NotImplementedError(
-            "attention: sequence-parallel backends are forward-only (no backward yet); run under torch.no_grad() "
-            "or torch.inference_mode()"
-        )
-    rows = query.shape[1]
-    if any(rows == n for n, _ in ctx.joints) and (
-        not ctx.attention_layouts(rows) or _replicated(query, key, state)
-    ):
-        # Replicated joint tokens attending among themselves (a text refiner): the same on every rank.
-        return _local(query, key, value, scale, causal, joint)
-    layout = _find_layout(ctx, rows)
-    if layout is not None and layout.sp_size != state.sp_size:
-        raise ValueError(
-            f"attention: the recorded shard layout is for {layout.sp_size} ranks but the SP group has {state.sp_size}"
-        )
-    if layout is not None and (layout.prefix_len or layout.suffix_len):
-        query, key, value, joint = _split_replicated(query, key, value, joint, layout)
-    call = AttentionCall(query, key, value, scale, causal, joint, name, state, layout)
-    return _BACKENDS[name](call, _valid_rows(call, name))
+    return sharded_attention(query, key, value, scale=scale, causal=causal, joint=joint, backend=backend)
 
 
 class Attention(nn.Module):
-    """``attention()`` with its options stored, for model code; agnostic of heads and head_dim."""
+    """``attention()`` with its options stored, for model code; agnostic of heads and head_dim.
+
+    ``skip_sequence_parallel=True`` (vLLM-Omni's flag for cross-attention to replicated tokens) is
+    ``backend="local"``: this layer never communicates.
+    """
 
     def __init__(
         self,
@@ -255,11 +410,16 @@ class Attention(nn.Module):
         causal: bool = False,
         backend: str | None = None,
         joint_strategy: str = "front",
+        skip_sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(skip_sequence_parallel, bool):
+            raise TypeError(f"Attention: skip_sequence_parallel must be a bool, got {skip_sequence_parallel!r}")
+        if skip_sequence_parallel and backend not in (None, "local"):
+            raise ValueError(f"Attention: skip_sequence_parallel=True runs locally, but backend={backend!r} was given")
         self.softmax_scale = softmax_scale
         self.causal = causal
-        self.backend = backend
+        self.backend = "local" if skip_sequence_parallel else backend
         self.joint_strategy = joint_strategy
 
     def forward(

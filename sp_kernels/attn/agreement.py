@@ -6,17 +6,16 @@ passes, say, a different head count makes *all* ranks raise the same ValueError 
 the others blocked in an all-to-all. The per-rank row counts come back too: the ring needs them
 for shards of unequal length.
 
-Cost: one all-gather of ~16 int64 per call. On CPU/gloo that is negligible. On NCCL the vector is on
-the GPU and reading it back is a host synchronization per attention call, which drains the launch
-queue. ``SP_KERNELS_CHECK_AGREEMENT=0`` skips the exchange whenever the row counts are known without
-it (a ShardLayout recorded by the hooks / sp_shard, or the equal shards Ulysses requires); calls
-that need the counts (ring or USP without a layout) still exchange, and then check for free.
-Default: ``1`` (check every call) -- safe first; switch it off after a validated run.
+A rank that cannot run the call (``refusal``, e.g. an integration meeting a mask it cannot
+honour) says so in the same exchange, so every rank raises instead of the others blocking.
+
+Cost: one all-gather of ~16 int64 per call, over the SP state's host-side group (gloo, on CPU
+tensors, even when the SP group is NCCL: no GPU synchronization). It cannot be switched off: the
+exchange is what guarantees that ranks which disagree raise instead of computing on mismatched data.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 
 import torch
@@ -42,11 +41,7 @@ AGREED = (
     "layout local_len",
     "layout sp_size",
 )
-PER_RANK = ("local rows", "valid rows")
-
-
-def check_enabled() -> bool:
-    return os.environ.get("SP_KERNELS_CHECK_AGREEMENT", "1") != "0"
+PER_RANK = ("local rows", "valid rows", "refused")
 
 
 def _code(value: object, table: list) -> int:
@@ -80,7 +75,9 @@ def _vector(call: AttentionCall, backend_names: list[str]) -> list[int]:
     ]
 
 
-def _show(field: str, value: int) -> str:
+def _show(field: str, value: int, backend_names: list[str]) -> str:
+    if field == "backend":
+        return repr(backend_names[value]) if 0 <= value < len(backend_names) else "an unregistered backend"
     if field == "dtype":
         return str(_DTYPES[value]) if 0 <= value < len(_DTYPES) else "unsupported dtype"
     if field == "softmax scale":
@@ -93,17 +90,25 @@ def _show(field: str, value: int) -> str:
 
 
 def exchange_rows(
-    call: AttentionCall, group: dist.ProcessGroup | None, backend_names: list[str]
+    call: AttentionCall, group: dist.ProcessGroup | None, backend_names: list[str], refusal: str | None = None
 ) -> list[tuple[int, int]]:
     """All-gather the call metadata over ``group`` (the SP group, in sp_rank order), check the agreed
-    fields, and return every rank's (local rows, valid rows). Raises ValueError on every rank."""
-    rows = all_gather_small(_vector(call, backend_names), group)
+    fields, and return every rank's (local rows, valid rows). Raises on every rank: ValueError when
+    they disagree, NotImplementedError when a rank refused the call (``refusal``: its reason)."""
+    rows = all_gather_small(_vector(call, backend_names) + [int(refusal is not None)], group, "attention metadata")
     n = len(AGREED)
+    refused = [rank for rank, r in enumerate(rows) if r[n + 2]]
+    if refused:
+        raise NotImplementedError(
+            refusal if refusal is not None else
+            f"attention (backend {call.backend!r}): sp rank(s) {refused} cannot run this call (see the error there); "
+            "every rank raises so that none waits in a collective"
+        )
     problems = []
     for i, field in enumerate(AGREED):
         values = [r[i] for r in rows]
         if len(set(values)) > 1:
-            per = ", ".join(f"rank {rank}: {_show(field, v)}" for rank, v in enumerate(values))
+            per = ", ".join(f"rank {rank}: {_show(field, v, backend_names)}" for rank, v in enumerate(values))
             problems.append(f"{field} ({per})")
     if problems:
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -88,9 +89,13 @@ def validate_inputs(
         raise ValueError(f"attention: query/key/value dtypes differ: {q.dtype}/{k.dtype}/{v.dtype}; expected one dtype")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: query/key/value devices differ: {q.device}/{k.device}/{v.device}")
+    if q.shape[3] < 1:
+        raise ValueError(f"attention: head_dim (the last dim) must be >= 1, got query shape {_shape(q)}")
     if softmax_scale is None:
         scale = 1.0 / math.sqrt(q.shape[3])
     else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"attention: softmax_scale must be a float or None, got {softmax_scale!r}")
         scale = float(softmax_scale)
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"attention: softmax_scale must be a finite positive number, got {softmax_scale!r}")

@@ -252,32 +252,44 @@ def ring_core(
         packed = _kv_view(bufs[0], B, n, Hkv, D)
         packed[0].copy_(k)
         packed[1].copy_(v)
-    for step in range(R):
-        src = (rank - step) % R
-        handle = None
-        if step < R - 1:
-            nxt = (rank - step - 1) % R
-            send = _kv_view(bufs[step % 2], B, lens[src], Hkv, D)
-            recv = _kv_view(bufs[(step + 1) % 2], B, lens[nxt], Hkv, D)
-            handle = comm.post(send, recv)
-        if step == 0 and joint is not None:
-            # Joint K/V are local: computed while the first transfer is already in flight.
-            if seq_sees_joint and has_q:
-                local.add(*block_attention(q, joint.key, joint.value, softmax_scale=scale))
-            joint_parts.append(
-                block_attention(joint.query, joint.key, joint.value, softmax_scale=scale, causal=causal)
-            )
-        if step == 0:
-            kb, vb = k, v
-        else:
-            kv = _kv_view(bufs[step % 2], B, lens[src], Hkv, D)
-            kb, vb = kv[0], kv[1]
-        if lens[src] and has_q and (not causal or src <= rank):
-            local.add(*block_attention(q, kb, vb, softmax_scale=scale, causal=causal and src == rank))
-        if joint_in_ring and lens[src]:
-            joint_by_src[src] = block_attention(joint.query, kb, vb, softmax_scale=scale)  # type: ignore[union-attr]
+    handle = None
+    try:
+        for step in range(R):
+            src = (rank - step) % R
+            handle = None
+            if step < R - 1:
+                nxt = (rank - step - 1) % R
+                send = _kv_view(bufs[step % 2], B, lens[src], Hkv, D)
+                recv = _kv_view(bufs[(step + 1) % 2], B, lens[nxt], Hkv, D)
+                handle = comm.post(send, recv)
+            if step == 0 and joint is not None:
+                # Joint K/V are local: computed while the first transfer is already in flight.
+                if seq_sees_joint and has_q:
+                    local.add(*block_attention(q, joint.key, joint.value, softmax_scale=scale))
+                joint_parts.append(
+                    block_attention(joint.query, joint.key, joint.value, softmax_scale=scale, causal=causal)
+                )
+            if step == 0:
+                kb, vb = k, v
+            else:
+                kv = _kv_view(bufs[step % 2], B, lens[src], Hkv, D)
+                kb, vb = kv[0], kv[1]
+            if lens[src] and has_q and (not causal or src <= rank):
+                local.add(*block_attention(q, kb, vb, softmax_scale=scale, causal=causal and src == rank))
+            if joint_in_ring and lens[src]:
+                joint_by_src[src] = block_attention(joint.query, kb, vb, softmax_scale=scale)  # type: ignore[union-attr]
+            if handle is not None:
+                done, handle = handle, None
+                comm.wait(done)
+    except BaseException:
+        # A transfer posted but never waited for would still write the cached receive buffer later,
+        # and its peer would match it against the next call's messages: drain it before re-raising.
         if handle is not None:
-            comm.wait(handle)
+            try:
+                comm.wait(handle)
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+        raise
     local.write(out_seq)
     if joint is not None and out_joint is not None:
         parts = joint_parts + [joint_by_src[s] for s in sorted(joint_by_src)]

@@ -34,9 +34,15 @@ Two ways in, both importing diffusers only here (``import sp_kernels`` never imp
    travels block by block, overlapped with compute (see docs/attention.md). ``fused_ring`` needs
    ``ulysses_degree == 1``, ``sp_ulysses`` ``ring_degree == 1``, ``sp_usp`` takes any degrees.
 
-Attention masks: one that masks nothing (all True, or an all-zero additive mask) is dropped; a real
-mask runs in local attention (cross-attention to replicated text, e.g. LTX) through torch SDPA, and is
-refused inside the sharded sequence. Not supported under SP: dropout, ``return_lse``, backward.
+Cross-attention: modules a ready plan names as cross-attention to replicated text stay local. When the
+plan shards the text (diffusers' LTX ``_cp_plan``), the record of the forward decides instead: K/V of a
+recorded sharded sequence are all-gathered (with their key mask) before local attention, K/V nothing
+sharded are replicated. Under diffusers' own CP (path 2) K/V of another length are always gathered.
+
+Attention masks: one that masks nothing (all True, or an all-zero additive mask) is dropped, judged
+once per forward per mask tensor; a real mask runs where K/V are whole on the rank (cross-attention)
+through torch SDPA, and is refused inside sharded self-attention on every rank.
+Not supported under SP: dropout, ``return_lse``, backward.
 
 diffusers bugs seen on CPU (diffusers 0.42.1), which only path 2 meets: ``enable_parallelism``
 computes ``rank % torch.accelerator.device_count()``, which is 0 on a CPU-only machine, and its
@@ -52,14 +58,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..attn import attention, block_attention
+from ..attn import block_attention, effective_mask, sharded_attention
+from ..attn.call import validate_inputs
 from ..attn.fused_ring import register as _register_fused_ring
 from ..context import current_context, sp_forward_context
 from ..hooks import _Signature, apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
-from ..parallel_state import SequenceParallelConfig, SPState
+from ..parallel_state import SequenceParallelConfig, SPState, default_group_timeout, device_of_group
 from .diffusers_plans import CROSS_ATTENTION, LOCAL_ATTENTION, PROMPT_MASKS, plan_source, translate_cp_plan
 
 Tensor = torch.Tensor
@@ -123,42 +130,37 @@ def sp_state_for(cp_config: Any) -> SPState:
         )
     U, R = cp_config.ulysses_degree, cp_config.ring_degree
     flat = cp_config._flattened_mesh
+    sp_group = flat.get_group()
+    ranks = [int(r) for r in flat.mesh.flatten().tolist()]
+    meta_group = None
+    if device_of_group(sp_group).type != "cpu" and len(ranks) == dist.get_world_size():
+        # Metadata exchanges (shapes, row counts) run on CPU tensors over gloo, so they never synchronize
+        # the GPU. Created once, at the first attention, which every rank reaches together; new_group is
+        # collective over the whole world, so only when the mesh is the world (with data-parallel
+        # replicas the exchange stays on the SP group: correct, one host sync per call).
+        meta_group = dist.new_group(ranks, backend="gloo", timeout=default_group_timeout())
     state = SPState(
         config=SequenceParallelConfig(ulysses_degree=U, ring_degree=R, attention_backend="auto"),
-        sp_group=flat.get_group(),
+        sp_group=sp_group,
+        meta_group=meta_group,
         ulysses_group=cp_config._ulysses_mesh.get_group() if U > 1 else None,
         ring_group=cp_config._ring_mesh.get_group() if R > 1 else None,
         # diffusers' mesh is ("ring", "ulysses"): flattened rank = ring_rank * U + ulysses_rank.
         sp_rank=cp_config._ring_local_rank * U + cp_config._ulysses_local_rank,
-        sp_ranks=tuple(int(r) for r in flat.mesh.flatten().tolist()),
+        sp_ranks=tuple(ranks),
     )
     cp_config._sp_kernels_state = state
     return state
 
 
-def _mask_is_trivial(mask: Tensor) -> bool:
-    """True when the mask excludes nothing (all True, or an additive mask of zeros)."""
-    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
-
-
-def _local_attention(
-    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float | None, causal: bool,
-    return_lse: bool, name: str,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Attention on this rank's tokens only: sp_kernels' block kernels, or torch SDPA with a mask."""
-    if mask is None:
-        out, lse = block_attention(query, key, value, softmax_scale=scale, causal=causal)
-        return (out, lse.transpose(1, 2)) if return_lse else out
-    if return_lse:
+def _with_lse(
+    query: Tensor, key: Tensor, value: Tensor, scale: float | None, causal: bool, name: str, mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Local attention that also returns the log-sum-exp (diffusers' ``return_lse``, [B, S, H])."""
+    if mask is not None:
         raise NotImplementedError(f"sp_kernels/diffusers backend {name!r}: return_lse=True with an attention mask")
-    hq, hk = query.shape[2], key.shape[2]
-    if hk != hq:
-        key, value = (t.repeat_interleave(hq // hk, dim=2) for t in (key, value))
-    out = F.scaled_dot_product_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, is_causal=causal,
-        scale=scale,
-    )
-    return out.transpose(1, 2)
+    out, lse = block_attention(query, key, value, softmax_scale=scale, causal=causal)
+    return out, lse.transpose(1, 2)
 
 
 def _make_backend(name: str) -> Callable[..., Any]:
@@ -180,41 +182,31 @@ def _make_backend(name: str) -> Callable[..., Any]:
     ) -> Tensor | tuple[Tensor, Tensor]:
         if dropout_p:
             raise NotImplementedError(f"sp_kernels/diffusers backend {name!r}: dropout_p must be 0, got {dropout_p}")
-        if attn_mask is not None and _mask_is_trivial(attn_mask):
-            attn_mask = None
         cp = _parallel_config.context_parallel_config if _parallel_config is not None else None
-        if ours == "local":
-            return _local_attention(query, key, value, attn_mask, scale, is_causal, return_lse, name)
-        if ours is None:
-            if cp is not None:
-                raise RuntimeError(
-                    "sp_kernels/diffusers backend 'sp_kernels' is driven by enable_sequence_parallel's hooks, but "
-                    "diffusers' own context parallelism (enable_parallelism) is active on this model; use one of "
-                    "them, or 'fused_ring' / 'sp_ulysses' / 'sp_usp' under diffusers' context parallelism"
-                )
-            ctx = current_context()
-            sharded = ctx is not None and ctx.sharded and ctx.state.sp_size > 1
-            if not sharded or key.shape[1] != query.shape[1]:
-                # Outside the sharded region, or cross-attention to replicated tokens: local.
-                return _local_attention(query, key, value, attn_mask, scale, is_causal, return_lse, name)
-            if attn_mask is not None:
-                raise NotImplementedError(
-                    f"sp_kernels/diffusers backend 'sp_kernels': an attention mask of shape {tuple(attn_mask.shape)} "
-                    "that excludes keys reached attention over the sharded sequence; sp_kernels excludes padding by "
-                    "layout, not masks. Masks of padded prompt tokens: pass the prompt trimmed to its valid tokens "
-                    "(with batch size 1 the image output is identical)"
-                )
-            if return_lse:
-                raise NotImplementedError("sp_kernels/diffusers backend 'sp_kernels': return_lse=True under SP")
-            return attention(query, key, value, softmax_scale=scale, causal=is_causal)
-
-        if cp is None or cp.ring_degree * cp.ulysses_degree == 1 or key.shape[1] != query.shape[1]:
-            return _local_attention(query, key, value, attn_mask, scale, is_causal, return_lse, name)
-        if attn_mask is not None:
-            raise NotImplementedError(
-                f"sp_kernels/diffusers backend {name!r}: attention masks are not supported under context parallelism "
-                "(sp_kernels handles padding by layout, not masks); use diffusers' 'native' backend for masked attention"
+        drop_in = cp is not None and cp.ring_degree * cp.ulysses_degree > 1
+        if ours is None and cp is not None:
+            raise RuntimeError(
+                "sp_kernels/diffusers backend 'sp_kernels' is driven by enable_sequence_parallel's hooks, but "
+                "diffusers' own context parallelism (enable_parallelism) is active on this model; use one of "
+                "them, or 'fused_ring' / 'sp_ulysses' / 'sp_usp' under diffusers' context parallelism"
             )
+        if ours == "local" or (ours is not None and not drop_in):
+            if return_lse:
+                return _with_lse(query, key, value, scale, is_causal, name, effective_mask(attn_mask, None))
+            sc, _ = validate_inputs(query, key, value, scale, None, None, None, "front")
+            return sharded_attention(query, key, value, scale=sc, causal=is_causal, joint=None, backend="local",
+                                     mask=attn_mask)
+        sc, _ = validate_inputs(query, key, value, scale, None, None, None, "front")
+        if ours is None:
+            ctx = current_context()
+            if return_lse:
+                if ctx is not None and ctx.sharded and ctx.state.sp_size > 1:
+                    raise NotImplementedError("sp_kernels/diffusers backend 'sp_kernels': return_lse=True under SP")
+                return _with_lse(query, key, value, scale, is_causal, name, effective_mask(attn_mask, ctx))
+            # The record of this forward decides self- vs cross-attention and whether K/V are sharded.
+            return sharded_attention(query, key, value, scale=sc, causal=is_causal, joint=None, backend=None,
+                                     mask=attn_mask)
+
         if return_lse:
             raise NotImplementedError(
                 f"sp_kernels/diffusers backend {name!r}: return_lse=True under context parallelism is not supported"
@@ -228,7 +220,25 @@ def _make_backend(name: str) -> Callable[..., Any]:
         state = sp_state_for(cp)
         with sp_forward_context(state) as ctx:
             ctx.sharded = True
-            return attention(query, key, value, softmax_scale=scale, causal=is_causal, backend=ours)
+            if key.shape[1] != query.shape[1]:
+                # diffusers' _cp_plan may or may not shard the text K/V came from: gather them either way.
+                # Replicated K/V come back as sp_size copies, which attention weighs exactly like one.
+                from ..context import ShardLayout
+
+                even = ShardLayout(true_len=key.shape[1] * state.sp_size, local_len=key.shape[1],
+                                   sp_size=state.sp_size, source="diffusers' context-parallel text")
+                ctx.record(even)
+                return sharded_attention(query, key, value, scale=sc, causal=is_causal, joint=None, backend=ours,
+                                         mask=attn_mask)
+            refusal = None
+            if effective_mask(attn_mask, ctx) is not None:
+                refusal = (
+                    f"sp_kernels/diffusers backend {name!r}: attention masks are not supported under context "
+                    "parallelism (sp_kernels handles padding by layout, not masks); use diffusers' 'native' backend "
+                    "for masked attention"
+                )
+            return sharded_attention(query, key, value, scale=sc, causal=is_causal, joint=None, backend=ours,
+                                     refusal=refusal)
 
     backend.__name__ = f"sp_kernels_{name}_attention"
     return backend
@@ -352,6 +362,16 @@ def _is_cross_attention(model: nn.Module, path: str, module: nn.Module) -> bool:
     return path.rsplit(".", 1)[-1] in names or getattr(module, "is_cross_attention", False) is True
 
 
+# Forward parameters that carry the text context in diffusers transformers and blocks.
+_TEXT_PARAMS = ("encoder_hidden_states",)
+
+
+def _plan_shards_text(plan: dict) -> bool:
+    """Whether the plan splits the text context anywhere (diffusers' LTX _cp_plan does): then cross-attention
+    K/V are a sharded sequence, and the record (not a fixed local route) must decide them."""
+    return any(isinstance(spec, dict) and any(name in _TEXT_PARAMS for name in spec) for spec in plan.values())
+
+
 def _make_guard(enabled: _Enabled, cls: str) -> Callable:
     def guard(module: nn.Module, args: tuple) -> None:
         for (path, m, proc, _), member in zip(enabled.routed, enabled.members):
@@ -405,13 +425,15 @@ def enable_sequence_parallel(
         raise TypeError(f"enable_sequence_parallel: plan must be None, 'cp_plan' or a dict, got {type(plan).__name__}")
 
     routed = _route_attention(transformer, cls)
+    text_sharded = _plan_shards_text(plan)
     register()
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     sp_member, local_member = AttentionBackendName("sp_kernels"), AttentionBackendName("sp_kernels_local")
     enabled = _Enabled(source=source, routed=routed)
     for path, m, proc, _ in routed:
-        member = local_member if _is_cross_attention(transformer, path, m) else sp_member
+        cross = _is_cross_attention(transformer, path, m) and not text_sharded
+        member = local_member if cross else sp_member
         enabled.members.append(member)
         proc._attention_backend = member
     try:
