@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -495,13 +496,22 @@ def apply_sequence_parallel(
 def _wrap_forward(model: nn.Module, applied: _Applied, root_pre: list[Callable], root_post: list[Callable]) -> None:
     """Give every forward its own context, set before the root's splits and reset however the forward
     ends: torch runs forward hooks marked always_call only on Exception, so a KeyboardInterrupt would
-    leave a hook-managed context behind (and later attention would communicate)."""
-    orig = model.forward
+    leave a hook-managed context behind (and later attention would communicate).
+
+    The wrapper is a method bound to the model, calling the previous forward on the module it is bound
+    to: a deep copy of the model (an EMA copy, say) then runs its own weights, not the original's."""
+    before = model.__dict__.get("forward")
     cls = type(model).__name__
     state = applied.state
 
-    @functools.wraps(orig)
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    def previous(self: nn.Module) -> Callable:
+        if before is None:
+            return type(self).forward.__get__(self)
+        return before.__func__.__get__(self) if isinstance(before, types.MethodType) else before
+
+    @functools.wraps(type(model).forward if before is None else before)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        orig = previous(self)
         if applied.forward_wrapper is None:  # removed while someone else's wrapper sat on top of ours
             return orig(*args, **kwargs)
         state.raise_if_broken(f"{cls}.forward")
@@ -509,12 +519,12 @@ def _wrap_forward(model: nn.Module, applied: _Applied, root_pre: list[Callable],
         token = _CURRENT_CTX.set(ctx)
         try:
             for hook in root_pre:
-                changed = hook(model, args, kwargs)
+                changed = hook(self, args, kwargs)
                 if changed is not None:
                     args, kwargs = changed
             output = orig(*args, **kwargs)
             for hook in root_post:
-                changed = hook(model, args, kwargs, output)
+                changed = hook(self, args, kwargs, output)
                 if changed is not None:
                     output = changed
             return output
@@ -527,9 +537,9 @@ def _wrap_forward(model: nn.Module, applied: _Applied, root_pre: list[Callable],
         finally:
             _CURRENT_CTX.reset(token)
 
-    applied.forward_before = model.__dict__.get("forward")
-    applied.forward_wrapper = forward
-    model.forward = forward
+    applied.forward_before = before
+    applied.forward_wrapper = types.MethodType(forward, model)
+    model.forward = applied.forward_wrapper
 
 
 def _unwrap_forward(model: nn.Module, applied: _Applied) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import pytest
@@ -189,3 +190,31 @@ def test_sharding_without_distributed_is_identity():
     assert sp_kernels.sp_gather(x, 1) is x
     with pytest.raises(ValueError, match="sp_shard: dim=3 is out of range for a tensor of shape \\(2, 7, 3\\)"):
         sp_kernels.sp_shard(x, 3)
+
+
+def test_deep_copy_of_an_applied_model_runs_its_own_weights():
+    """The forward wrapper is bound to the module it sits on: a deep copy (an EMA copy, say) must not
+    call the original's forward."""
+    import copy
+
+    class M(nn.Module):
+        _sp_plan = {"": {"x": SPI(1)}, "lin": SPO(1)}
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x, scale: float = 1.0):
+            return self.lin(x) * scale
+
+    model = M()
+    apply_sequence_parallel(model, SequenceParallelConfig())
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.lin.weight.zero_()
+        clone.lin.bias.zero_()
+        x = torch.randn(1, 4, 3)
+        assert model(x).abs().sum() > 0 and torch.equal(clone(x), torch.zeros(1, 4, 3))
+    assert str(inspect.signature(model.forward)) == "(x, scale: float = 1.0)"
+    remove_sequence_parallel(model)
+    assert "forward" not in model.__dict__
