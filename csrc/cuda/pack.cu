@@ -1,7 +1,9 @@
-// CUDA implementation of the Ulysses pack/unpack ops: one pass, each output unit written once by
-// one thread, 16-byte units whenever head_dim, strides and pointers allow (always for bf16/fp16
-// with head_dim a multiple of 8). Where each head row comes from is the index math of
-// pack_index.h, shared with the CPU kernels.
+// CUDA implementation of the Ulysses pack/unpack ops: one pass, each output unit written once, 16-byte
+// units whenever head_dim, strides and pointers allow (always for bf16/fp16 with head_dim a multiple
+// of 8). The work is split by output ROW (pack_rows.h): where a row comes from is worked out once per
+// row with the index math of pack_index.h (shared with the CPU kernels), then the row's lanes move
+// up to kMaxUpt vectors each with no index arithmetic in between. The kernel body, row_copy_thread,
+// also runs on the CPU in csrc/tests/test_pack_rows.cpp for every thread of several grids.
 #include <ATen/ATen.h>
 // c10 stream/guard headers, not ATen/cuda/CUDAContext.h: that one pulls in cuSPARSE/cuBLAS headers,
 // which minimal CUDA toolkits (like the one CI builds against) do not ship.
@@ -17,115 +19,27 @@
 
 #include "sp_kernels/pack.h"
 #include "sp_kernels/pack_index.h"
+#include "sp_kernels/pack_rows.h"
+#include "sp_kernels/pack_rows_host.h"
 
 namespace sp_kernels {
 
 namespace {
 
 constexpr int kThreads = 256;
-// Units per thread: independent loads in flight before the first store, which a copy kernel needs
-// to approach DRAM bandwidth.
-constexpr int kUnroll = 4;
-constexpr int64_t kTile = static_cast<int64_t>(kThreads) * kUnroll;
+// Resident blocks per SM the grid aims for (2048 threads / 256), times two waves; the grid-stride
+// loop covers any rows beyond. Also bounds how far `row` can run past `rows` before the loop ends.
+constexpr int kBlocksPerSm = 16;
+constexpr int64_t kMaxGridThreads = int64_t{1} << 24;
 
-// ---- per-op element maps: output unit e -> value (a source unit or zero) ----------------------
-
-template <typename V, typename I>
-struct PackQkvMap {
-  const V* q;
-  const V* k;
-  const V* v;
-  PackQkvGeometry<I> g;
-  KvIndexTable kv;
-
-  __device__ __forceinline__ V operator()(I e) const {
-    const I c = e % g.Du;
-    const I hr = e / g.Du;
-    const I h = hr % g.W;
-    const I row = hr / g.W;
-    const I s = row % g.S;
-    const I pb = row / g.S;
-    const auto ref = pack_qkv_source(g, kv, pb / g.B, pb % g.B, s, h);
-    if (ref.which == kSrcZero) {
-      return V{};
-    }
-    const V* base = ref.which == kSrcQ ? q : (ref.which == kSrcK ? k : v);
-    return base[ref.offset + c];
-  }
-};
-
-template <typename V, typename I>
-struct UnpackQkvMap {
-  const V* recv;
-  const V* jq;
-  const V* jk;
-  const V* jv;
-  UnpackQkvGeometry<I> g;
-
-  __device__ __forceinline__ V operator()(I e) const {
-    const I c = e % g.Du;
-    const I hr = e / g.Du;
-    const I h = hr % g.W;
-    const I row = hr / g.W;
-    const I rows = unpack_qkv_rows(g);
-    const auto ref = unpack_qkv_source(g, row / rows, row % rows, h);
-    const V* base = ref.which == kSrcSeq ? recv : (ref.which == kSrcQ ? jq : (ref.which == kSrcK ? jk : jv));
-    return base[ref.offset + c];
-  }
-};
-
-template <typename V, typename I>
-struct PackOutMap {
-  const V* seq;
-  const V* joint;
-  PackOutGeometry<I> g;
-
-  __device__ __forceinline__ V operator()(I e) const {
-    const I row_units = g.hq * g.Du;
-    const I c = e % row_units;
-    const I row = e / row_units;
-    const I rows = pack_out_rows(g);
-    const I pb = row / rows;
-    const auto ref = pack_out_row_source(g, pb / g.B, pb % g.B, row % rows);
-    if (ref.which == kSrcZero) {
-      return V{};
-    }
-    return (ref.which == kSrcJoint ? joint : seq)[ref.offset + c];
-  }
-};
-
-template <typename V, typename I>
-struct UnpackOutMap {
-  const V* recv;
-  UnpackOutGeometry<I> g;
-
-  __device__ __forceinline__ V operator()(I e) const {
-    const I c = e % g.Du;
-    const I hr = e / g.Du;
-    const I h = hr % g.Hq;
-    const I row = hr / g.Hq;
-    return recv[unpack_out_source(g, row / g.R, row % g.R, h) + c];
-  }
-};
-
-template <typename V, typename I, typename Map>
-__global__ void __launch_bounds__(kThreads) pack_copy_kernel(Map map, V* __restrict__ dst, I total) {
-  const I base = static_cast<I>(blockIdx.x) * static_cast<I>(kTile) + static_cast<I>(threadIdx.x);
-  V values[kUnroll];
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const I e = base + static_cast<I>(u * kThreads);
-    if (e < total) {
-      values[u] = map(e);
-    }
-  }
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const I e = base + static_cast<I>(u * kThreads);
-    if (e < total) {
-      dst[e] = values[u];
-    }
-  }
+// minBlocks 2 lets ptxas use up to 128 registers: with 64 the widest variant (8 units in flight plus
+// 64-bit row math) spilled a word.
+template <typename V, typename I, typename Rows>
+__global__ void __launch_bounds__(kThreads, 2)
+    row_copy_kernel(Rows map, V* __restrict__ dst, I rows, int tpr_log2) {
+  const I thread = static_cast<I>(blockIdx.x) * static_cast<I>(kThreads) + static_cast<I>(threadIdx.x);
+  const I threads = static_cast<I>(gridDim.x) * static_cast<I>(kThreads);
+  row_copy_thread<V, I>(map, dst, rows, tpr_log2, thread, threads);
 }
 
 // ---- host side ---------------------------------------------------------------------------------
@@ -173,26 +87,40 @@ int64_t extent_units(const at::Tensor& t, int64_t elem_size, int64_t unit) {
 }
 
 bool fits_int32(int64_t total, std::initializer_list<int64_t> extents) {
-  const int64_t blocks = (total + kTile - 1) / kTile;
-  int64_t largest = blocks * kTile;
+  // Row indices may run one grid stride past the last row before the loop ends.
+  int64_t largest = total + kMaxGridThreads;
   for (int64_t x : extents) {
     largest = std::max(largest, x);
   }
   return largest < std::numeric_limits<int32_t>::max();
 }
 
-template <typename V, typename I, typename Map>
-void launch(const Map& map, const at::Tensor& out, int64_t total, cudaStream_t stream) {
-  const int64_t blocks = (total + kTile - 1) / kTile;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "pack kernels: output too large (", total, " units)");
-  auto* dst = static_cast<V*>(out.mutable_data_ptr());
-  pack_copy_kernel<V, I, Map><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(map, dst, static_cast<I>(total));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+int sm_count(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) {
+    return 132;
+  }
+  if (cached[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cached[device] = std::max(n, 1);
+  }
+  return cached[device];
 }
 
-template <typename V>
-const V* ptr(const at::Tensor& t) {
-  return t.defined() ? static_cast<const V*>(t.const_data_ptr()) : nullptr;
+template <typename V, typename I, typename Rows>
+void launch(const Rows& map, const at::Tensor& out, int64_t total, cudaStream_t stream) {
+  const int64_t row_units = static_cast<int64_t>(map.row_units());
+  const int64_t rows = total / row_units;
+  const RowCopyShape shape = row_copy_shape(rows, row_units);
+  const int64_t threads_needed = rows << shape.tpr_log2;
+  const int64_t cap = std::min<int64_t>(int64_t{sm_count(out.get_device())} * kBlocksPerSm,
+                                        kMaxGridThreads / kThreads);
+  const int64_t blocks = std::max<int64_t>(1, std::min(cap, (threads_needed + kThreads - 1) / kThreads));
+  auto* dst = static_cast<V*>(out.mutable_data_ptr());
+  row_copy_kernel<V, I, Rows><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      map, dst, static_cast<I>(rows), shape.tpr_log2);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Dispatch over the copy unit (V) and index width (I). `run` is a generic lambda taking (V{}, I{}).
@@ -250,18 +178,10 @@ at::Tensor pack_qkv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const int64_t total = plan.out.numel() / f;
   const bool small = fits_int32(total, {extent_units(plan.q, es, unit), extent_units(plan.k, es, unit),
                                         extent_units(plan.v, es, unit)});
-  const auto& g = plan.g;
   dispatch_unit(unit, small, [&](auto vtag, auto itag) {
     using V = decltype(vtag);
     using I = decltype(itag);
-    PackQkvMap<V, I> map;
-    map.q = ptr<V>(plan.q);
-    map.k = ptr<V>(plan.k);
-    map.v = ptr<V>(plan.v);
-    map.g = PackQkvGeometry<I>{I(g.P),        I(g.B),        I(g.S),        I(g.Hq),       I(g.hq),
-                               I(g.nkv),      I(g.W),        I(g.Du / f),   I(g.q_sb / f), I(g.q_ss / f),
-                               I(g.k_sb / f), I(g.k_ss / f), I(g.v_sb / f), I(g.v_ss / f)};
-    map.kv = plan.kv;
+    const auto map = make_pack_qkv_rows<V, I>(plan, f);
     launch<V, I>(map, plan.out, total, stream_of(q));
   });
   return plan.out;
@@ -286,19 +206,10 @@ at::Tensor unpack_qkv_cuda(const at::Tensor& recv, int64_t seq_len, const c10::o
   const bool small =
       fits_int32(total, {extent_units(plan.recv, es, unit), extent_units(plan.jq, es, unit),
                          extent_units(plan.jk, es, unit), extent_units(plan.jv, es, unit)});
-  const auto& g = plan.g;
   dispatch_unit(unit, small, [&](auto vtag, auto itag) {
     using V = decltype(vtag);
     using I = decltype(itag);
-    UnpackQkvMap<V, I> map;
-    map.recv = ptr<V>(plan.recv);
-    map.jq = ptr<V>(plan.jq);
-    map.jk = ptr<V>(plan.jk);
-    map.jv = ptr<V>(plan.jv);
-    map.g = UnpackQkvGeometry<I>{I(g.P),         I(g.B),         I(g.S_loc),     I(g.S),         I(g.J),
-                                 I(g.W),         I(g.hq),        I(g.nkv),       I(g.Du / f),    I(g.front),
-                                 I(g.jq_sb / f), I(g.jq_ss / f), I(g.jk_sb / f), I(g.jk_ss / f), I(g.jv_sb / f),
-                                 I(g.jv_ss / f)};
+    const auto map = make_unpack_qkv_rows<V, I>(plan, f);
     launch<V, I>(map, plan.out, total, stream_of(recv));
   });
   return plan.out;
@@ -320,16 +231,10 @@ at::Tensor pack_out_cuda(const at::Tensor& out_seq, const c10::optional<at::Tens
   const int64_t total = plan.out.numel() / f;
   const bool small =
       fits_int32(total, {extent_units(plan.seq, es, unit), extent_units(plan.joint, es, unit)});
-  const auto& g = plan.g;
   dispatch_unit(unit, small, [&](auto vtag, auto itag) {
     using V = decltype(vtag);
     using I = decltype(itag);
-    PackOutMap<V, I> map;
-    map.seq = ptr<V>(plan.seq);
-    map.joint = ptr<V>(plan.joint);
-    map.g = PackOutGeometry<I>{I(g.P),        I(g.B),        I(g.L),        I(g.S),       I(g.J),   I(g.hq),
-                               I(g.Du / f),   I(g.front),    I(g.o_sb / f), I(g.o_ss / f), I(g.j_sb / f),
-                               I(g.j_ss / f)};
+    const auto map = make_pack_out_rows<V, I>(plan, f);
     launch<V, I>(map, plan.out, total, stream_of(out_seq));
   });
   return plan.out;
@@ -347,13 +252,10 @@ at::Tensor unpack_out_cuda(const at::Tensor& recv, int64_t heads) {
   const int64_t f = unit / es;
   const int64_t total = plan.out.numel() / f;
   const bool small = fits_int32(total, {extent_units(plan.recv, es, unit)});
-  const auto& g = plan.g;
   dispatch_unit(unit, small, [&](auto vtag, auto itag) {
     using V = decltype(vtag);
     using I = decltype(itag);
-    UnpackOutMap<V, I> map;
-    map.recv = ptr<V>(plan.recv);
-    map.g = UnpackOutGeometry<I>{I(g.P), I(g.B), I(g.R), I(g.hq), I(g.Hq), I(g.Du / f)};
+    const auto map = make_unpack_out_rows<V, I>(plan, f);
     launch<V, I>(map, plan.out, total, stream_of(recv));
   });
   return plan.out;
