@@ -508,13 +508,18 @@ def test_cuda_paths_and_stream(monkeypatch, impl_name, D):
                 outs_c = [o.cuda() for o in outs]
                 lses_c = [x.cuda() for x in lses]
                 out, lse = merge_mod.lse_merge_all(outs_c, lses_c, torch.float32)
-                acc, acc_lse = outs_c[0].float(), lses_c[0].clone()
-                for o, x in zip(outs_c[1:], lses_c[1:]):
+                # From an empty accumulator (garbage, lse -inf), as a ring step with no keys yet holds.
+                # Starting from part 0 itself instead would leave its garbage in the row whose lse is
+                # -inf when ways == 1 (nothing merged), which the reference defines as zeros.
+                acc = torch.full(outs_c[0].shape, 123.0, device="cuda")
+                acc_lse = torch.full(lses_c[0].shape, NEG_INF, device="cuda")
+                for o, x in zip(outs_c, lses_c):
                     merge_mod.lse_merge_(acc, acc_lse, o, x)
             stream.synchronize()
             torch.testing.assert_close(out.double().cpu(), want_out, atol=3e-5, rtol=1e-5)
             torch.testing.assert_close(lse.double().cpu(), want_lse, atol=3e-5, rtol=1e-6)
             torch.testing.assert_close(acc.double().cpu(), want_out, atol=3e-5, rtol=1e-5)
+            torch.testing.assert_close(acc_lse.double().cpu(), want_lse, atol=3e-5, rtol=1e-6)
     flat = torch.randn(1 + 2 * 5 * 3 * D, device="cuda")
     acc = flat[1:].view(2, 5, 3, D)  # misaligned by 4 bytes: the scalar path
     acc_lse = torch.randn(2, 3, 5, device="cuda")

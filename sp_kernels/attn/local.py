@@ -11,18 +11,33 @@ Contract of every kernel (``block_attention`` enforces the shapes before any ker
   top-left (torch) and bottom-right (flash-attn) conventions coincide.
 
 Candidates in priority order: flash-attn 3 (``flash_attn_interface``), flash-attn 2 (``flash_attn``),
-cuDNN (``aten._scaled_dot_product_cudnn_attention``), torch's flash op, torch's CPU flash op, and a
-chunked math reference that runs on any device. Each says why it declines; when none accepts, the
-error lists every reason.
+cuDNN (``aten._scaled_dot_product_cudnn_attention``), torch's flash op
+(``aten._scaled_dot_product_flash_attention``), torch's memory-efficient op
+(``aten._scaled_dot_product_efficient_attention``: the GPU kernel for fp32, and for fp16/bf16 shapes
+the flash and cuDNN kernels reject), torch's CPU flash op, and a chunked math reference that runs on
+any device. Each says why it declines; when none accepts, the error lists every reason.
 
-NOT RUN ON A GPU YET: the flash3, flash2, cudnn and torch_flash candidates were written from the
-documented APIs (flash-attn's ``flash_attn_func`` docstrings, the aten schemas of torch 2.14) and
-tested on CPU only: their selection/decline logic with faked availability, and the aten calls on
-``meta`` tensors. Their numerics have not been checked against a GPU.
+The three aten GPU candidates first apply their own plain rules (SDPA toggle, CUDA tensor, compute
+capability, dtype), then ask torch's own check, ``torch.backends.cuda.can_use_{cudnn,flash,
+efficient}_attention(SDPAParams(...))``, about the exact call they would make (BHSD views, K/V at
+the query head count, no mask, no dropout), so a shape the backend rejects (for cuDNN e.g. a key
+length of 1, or head_dim above what this cuDNN and GPU support) declines to the next candidate
+instead of failing inside the kernel. Torch's checks give no reason to Python (with ``debug=True``
+they log it to stderr): set ``SP_KERNELS_SDPA_DEBUG=1`` to have them log. Where this torch lacks a
+check (or ``SDPAParams``), that candidate falls back to fixed head_dim rules.
+
+NOT RUN ON A GPU YET (numerics): the flash3, flash2, cudnn, torch_flash and torch_efficient
+candidates were written from the documented APIs (flash-attn's ``flash_attn_func`` docstrings, the
+aten schemas of torch 2.14, torch's ``sdp_utils.cpp`` checks) and tested on CPU only: their
+selection/decline logic with faked availability and faked torch checks, and the aten calls on
+``meta`` tensors. Issue 13, from an H200, found cuDNN chosen for shapes its own check rejects and
+fp32 falling to ``math``; the fixes (torch's checks, ``torch_efficient``) have run on CPU only.
+tests/test_attention_local.py has GPU tests against an fp64 reference, skipped without CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
@@ -39,7 +54,11 @@ DeclineFn = Callable[[Tensor, Tensor, Tensor, bool], "str | None"]
 RunFn = Callable[[Tensor, Tensor, Tensor, float, bool], "tuple[Tensor, Tensor]"]
 
 _HALF = (torch.float16, torch.bfloat16)
+_EFFICIENT = (torch.float16, torch.bfloat16, torch.float32)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# "1": torch's SDPA checks run with debug=True and log why they reject (to stderr, from C++).
+SDPA_DEBUG_ENV = "SP_KERNELS_SDPA_DEBUG"
 
 # Score elements one math-reference chunk may hold: 16M fp32 = 64 MiB, so 16k tokens never build S x S.
 MATH_CHUNK_ELEMENTS = 1 << 24
@@ -180,7 +199,54 @@ def _run_flash2(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> 
 # torch's fused GPU ops (called through aten directly: SDPA's public function returns no LSE)
 
 
-def _decline_torch_gpu(q: Tensor, enabled: bool, toggle: str, max_d: int) -> str | None:
+def _sdpa_checker(name: str) -> Callable | None:
+    """``torch.backends.cuda.<name>`` (``can_use_cudnn_attention`` ...) when this torch has it and ``SDPAParams``."""
+    if getattr(torch.backends.cuda, "SDPAParams", None) is None:
+        return None
+    return getattr(torch.backends.cuda, name, None)
+
+
+def _sdpa_params(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> object:
+    """``SDPAParams`` describing the aten call the candidates make: BHSD views, K/V at the query head count.
+
+    The run repeats the KV heads (``_expand_kv``, a copy); here a view that repeats KV head 0 (head
+    stride 0) stands in for the copy: same shape, dtype, device, last-dim stride and storage offset,
+    nothing allocated. Torch's checks read metadata only (shapes, strides, offsets, dtype, device).
+    """
+    B, Sq, H, D = q.shape
+    if k.shape[2] != H:
+        k = k[:, :, :1].expand(B, k.shape[1], H, D)
+        v = v[:, :, :1].expand(B, v.shape[1], H, D)
+    args = (_bhsd(q), _bhsd(k), _bhsd(v), None, 0.0, causal)
+    try:
+        return torch.backends.cuda.SDPAParams(*args, False)  # torch >= 2.5: (..., is_causal, enable_gqa)
+    except TypeError:
+        return torch.backends.cuda.SDPAParams(*args)  # torch 2.4: no enable_gqa
+
+
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    # Torch's checks read the *current* device's properties: make it the tensor's.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _sdpa_decline(check_name: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
+    """Why ``torch.backends.cuda.<check_name>`` rejects the call (None: it accepts); the checker must exist."""
+    check = _sdpa_checker(check_name)
+    assert check is not None
+    debug = os.environ.get(SDPA_DEBUG_ENV, "") == "1"
+    try:
+        with _on_device(q):
+            ok = check(_sdpa_params(q, k, v, causal), debug)
+    except Exception as e:  # noqa: BLE001 - a check that cannot run is a decline with its error, not a crash
+        return f"torch.backends.cuda.{check_name} raised {type(e).__name__}: {e}"
+    if ok:
+        return None
+    hint = "torch logged why above" if debug else f"{SDPA_DEBUG_ENV}=1 makes torch log why"
+    return f"torch.backends.cuda.{check_name}() rejects these inputs ({hint})"
+
+
+def _decline_torch_gpu(q: Tensor, enabled: bool, toggle: str) -> str | None:
+    """The plain rules the cuDNN and flash aten ops share (each then asks torch's own check)."""
     if not enabled:
         return f"disabled by torch.backends.cuda.{toggle}(False)"
     cap = _cuda_capability(q)
@@ -190,17 +256,27 @@ def _decline_torch_gpu(q: Tensor, enabled: bool, toggle: str, max_d: int) -> str
         return f"needs sm80 or newer, device is sm{cap[0]}{cap[1]}"
     if q.dtype not in _HALF:
         return f"dtype {q.dtype} not supported (float16/bfloat16)"
+    return None
+
+
+def _decline_head_dim(q: Tensor, max_d: int, multiple: int = 8) -> str | None:
+    # Fallback rules for a torch without the can_use_*_attention checks.
     d = q.shape[-1]
-    if d > max_d or d % 8:
-        return f"head_dim {d} not supported (a multiple of 8, at most {max_d})"
+    if d > max_d or d % multiple:
+        return f"head_dim {d} not supported (a multiple of {multiple}, at most {max_d})"
     return None
 
 
 def _decline_cudnn(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
     if not torch.backends.cudnn.is_available():
         return "cuDNN is not available in this torch build"
+    why = _decline_torch_gpu(q, torch.backends.cuda.cudnn_sdp_enabled(), "enable_cudnn_sdp")
+    if why is not None:
+        return why
+    if _sdpa_checker("can_use_cudnn_attention") is not None:
+        return _sdpa_decline("can_use_cudnn_attention", q, k, v, causal)
     # 128 is the head_dim every cuDNN 9 / sm80+ combination supports; larger needs newer cuDNN on Hopper.
-    return _decline_torch_gpu(q, torch.backends.cuda.cudnn_sdp_enabled(), "enable_cudnn_sdp", 128)
+    return _decline_head_dim(q, 128)
 
 
 def _cudnn_op() -> Callable:
@@ -218,7 +294,12 @@ def _run_cudnn(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> t
 
 
 def _decline_torch_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
-    return _decline_torch_gpu(q, torch.backends.cuda.flash_sdp_enabled(), "enable_flash_sdp", 256)
+    why = _decline_torch_gpu(q, torch.backends.cuda.flash_sdp_enabled(), "enable_flash_sdp")
+    if why is not None:
+        return why
+    if _sdpa_checker("can_use_flash_attention") is not None:
+        return _sdpa_decline("can_use_flash_attention", q, k, v, causal)
+    return _decline_head_dim(q, 256)
 
 
 def _torch_flash_op() -> Callable:
@@ -229,6 +310,48 @@ def _run_torch_flash(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool
     k, v = _expand_kv(k, v, q.shape[2])
     res = _torch_flash_op()(_bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=scale)
     return _bhsd(res[0]), res[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's memory-efficient GPU op (CUTLASS, from xformers): fp32 as well as fp16/bf16, any head_dim
+# that is a multiple of the GEMM alignment, strided inputs.
+
+
+def _decline_torch_efficient(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
+    if not torch.backends.cuda.mem_efficient_sdp_enabled():
+        return "disabled by torch.backends.cuda.enable_mem_efficient_sdp(False)"
+    cap = _cuda_capability(q)
+    if cap is None:
+        return f"needs a CUDA tensor, got device {q.device}"
+    if q.dtype not in _EFFICIENT:
+        return f"dtype {q.dtype} not supported (float16/bfloat16/float32)"
+    if _sdpa_checker("can_use_efficient_attention") is not None:
+        return _sdpa_decline("can_use_efficient_attention", q, k, v, causal)
+    if cap < (5, 0):
+        return f"needs sm50 or newer, device is sm{cap[0]}{cap[1]}"
+    if q.dtype == torch.bfloat16 and cap < (8, 0):
+        return f"bfloat16 needs sm80 or newer, device is sm{cap[0]}{cap[1]}"
+    d = q.shape[-1]
+    multiple = 8 if q.dtype in _HALF else 4
+    if d % multiple:
+        return f"head_dim {d} not supported (a multiple of {multiple} for {q.dtype})"
+    return None
+
+
+def _torch_efficient_op() -> Callable:
+    return torch.ops.aten._scaled_dot_product_efficient_attention
+
+
+def _run_torch_efficient(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    Sq = q.shape[1]
+    k, v = _expand_kv(k, v, q.shape[2])
+    # The CUTLASS kernel needs row strides that are multiples of its GEMM alignment (torch's check
+    # looks at storage offsets only); views into a fused QKV buffer of aligned head_dim already are.
+    align = 8 if q.dtype in _HALF else 4
+    q, k, v = (t if all(st % align == 0 for st in t.stride()[:-1]) else t.contiguous() for t in (q, k, v))
+    res = _torch_efficient_op()(_bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, scale=scale)
+    # logsumexp is [B, H, Sq] padded along the sequence (to a multiple of 32 in torch 2.x on CUDA).
+    return _bhsd(res[0]), res[1][..., :Sq]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +422,7 @@ _KERNELS: list[BlockKernel] = [
     BlockKernel("flash2", _decline_flash2, _run_flash2),
     BlockKernel("cudnn", _decline_cudnn, _run_cudnn),
     BlockKernel("torch_flash", _decline_torch_flash, _run_torch_flash),
+    BlockKernel("torch_efficient", _decline_torch_efficient, _run_torch_efficient),
     BlockKernel("cpu_flash", _decline_cpu_flash, _run_cpu_flash),
     BlockKernel("math", _decline_math, _run_math),
 ]

@@ -2,11 +2,13 @@
 
 Each program merges ``BLOCK_R`` whole rows (one row = one (b, s, h) head vector of ``D`` elements),
 so the in-place pair merge reads a row's old lse and writes its new one inside one program: no other
-program touches that row. Math in fp32 (inputs are cast after loading, which is also what the
-interpreter needs for bf16). With ``BLOCK_D == D`` the column mask is dropped, so a row's mask is
-constant along it and, when the strides are multiples of 16 elements (Triton specialises such
-integer arguments), loads and stores are 16-byte vectors. Row indices stay int32 (divisions); byte
-offsets are formed in int64.
+program touches that row. Inside the program, though, the warps that read a row's old lse are not
+only the warp that writes its new one, so the pair kernel has a CTA barrier between all its loads
+and its stores (see merge_pair_kernel; the CUDA kernel's ``__syncthreads`` does the same). Math in
+fp32 (inputs are cast after loading, which is also what the interpreter needs for bf16). With
+``BLOCK_D == D`` the column mask is dropped, so a row's mask is constant along it and, when the
+strides are multiples of 16 elements (Triton specialises such integer arguments), loads and stores
+are 16-byte vectors. Row indices stay int32 (divisions); byte offsets are formed in int64.
 
 The W-way kernel takes the W parts as a tuple of pointers (W is a compile-time constant), so a list
 of separately allocated partial outputs is merged without stacking them first.
@@ -97,15 +99,27 @@ def merge_pair_kernel(
     lse_safe = tl.where(empty, 0.0, lse)
     wa = tl.where(empty, 0.0, tl.exp(la - lse_safe))
     wb = tl.where(empty, 0.0, tl.exp(lb - lse_safe))
-    tl.store(dst_lse_ptr + b * dl_sb + s * dl_ss + h * dl_sh, lse, mask=rmask)
 
     d = tl.arange(0, BLOCK_D)
     mask = _tile_mask(rmask, d, D, BLOCK_D)
     x = tl.load(acc_ptr + (b * acc_sb + s * acc_ss + h * acc_sh)[:, None] + d[None, :], mask=mask, other=0.0)
     y = tl.load(blk_ptr + (b * blk_sb + s * blk_ss + h * blk_sh)[:, None] + d[None, :], mask=mask, other=0.0)
     o = x.to(tl.float32) * wa[:, None] + y.to(tl.float32) * wb[:, None]
+    # In place (lse_merge_), dst_lse is acc_lse and dst is acc. The compiler gives la several layouts
+    # and loads it once per layout rather than exchanging registers: one warp-replicated copy feeds
+    # the lse store (issued by warp 0 only), a row-per-warp copy feeds wa (sm_90 TTGIR for D = 128,
+    # 4 warps: la loaded as slice<blocked> and as blocked2, lse stored from blocked2). So another
+    # warp's load of a row's old lse can come after the store of its new one, and "load once" in the
+    # source cannot prevent that: the layouts are the compiler's choice, and even one replicated copy
+    # is read by several warps. A CTA barrier after the last load of every input and before the first
+    # store is race-free whatever the layouts (bar.sync orders the loads before it for all threads of
+    # the CTA), and cheapest placed here: the lse and row loads are all issued before it, so it adds
+    # one barrier and no extra round trip to memory, and it also orders the in-place row store after
+    # every warp's row loads without relying on the layout conversion's own barrier.
+    tl.debug_barrier()
     dst = dst_ptr + (b * dst_sb + s * dst_ss + h * dst_sh)[:, None] + d[None, :]
     tl.store(dst, o.to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst_lse_ptr + b * dl_sb + s * dl_ss + h * dl_sh, lse, mask=rmask)
 
 
 @triton.jit
