@@ -557,6 +557,52 @@ def _drop_groups(groups: _Groups, reason: str) -> None:
     groups.owned.clear()
 
 
+def ring_group_pg_options(
+    backend: str, timeout: datetime.timedelta | None = None, nccl_options: object | None = None
+) -> object | None:
+    """``pg_options`` for the ring groups' ``new_group``: NCCL options with a high-priority stream when
+    ``backend`` (the parent group's, e.g. ``"nccl"`` or ``"cpu:gloo,cuda:nccl"``) runs NCCL for CUDA
+    tensors; None otherwise (gloo, custom backends, torch builds without NCCL), so those groups are
+    created exactly as before.
+
+    Why: fused_ring issues its transfers from a high-priority comm stream, but ProcessGroupNCCL runs
+    its send/recv kernels on its own pool stream, whose priority comes from these options alone
+    (``TORCH_NCCL_HIGH_PRIORITY=1`` is the process-wide alternative). At normal priority, NCCL's
+    kernels queue behind the attention blocks they are meant to overlap.
+
+    ``nccl_options``: the options class (tests inject a stand-in); default ``ProcessGroupNCCL.Options``.
+    ``timeout`` is copied into the options because torch warns when they disagree with new_group's.
+    """
+    try:
+        backends = parse_backend_config(backend)
+    except (TypeError, ValueError):
+        return None
+    if backends.get("cuda") != "nccl":
+        return None
+    if nccl_options is None:
+        if not (dist.is_available() and dist.is_nccl_available()):
+            return None
+        nccl_options = getattr(getattr(dist, "ProcessGroupNCCL", None), "Options", None)
+        if nccl_options is None:
+            return None
+    try:
+        opts = nccl_options(is_high_priority_stream=True)  # type: ignore[operator]
+    except TypeError:  # a build whose Options takes no keyword: set the attribute instead
+        try:
+            opts = nccl_options()  # type: ignore[operator]
+            opts.is_high_priority_stream = True
+        except (TypeError, AttributeError, RuntimeError):
+            return None
+    if getattr(opts, "is_high_priority_stream", None) is not True:
+        return None
+    if timeout is not None:
+        try:
+            opts._timeout = timeout
+        except (AttributeError, TypeError):
+            pass
+    return opts
+
+
 def _build_groups(
     key: tuple, parent_ranks: tuple[int, ...], config: SequenceParallelConfig, timeout: datetime.timedelta,
     parent: dist.ProcessGroup,
@@ -576,6 +622,16 @@ def _build_groups(
             owned.append(g)
         return g
 
+    # Ring groups only: their p2p kernels are what fused_ring overlaps with attention. The same
+    # options on every rank (one backend string, one torch), so every rank builds the same groups.
+    ring_backend = _backend_text(parent) if R > 1 else ""
+
+    def ring_kwargs() -> dict:
+        # A fresh Options object per group: torch writes the group's ranks and name into the one it
+        # is given and the group keeps a reference to it, so one object must not serve two groups.
+        opts = ring_group_pg_options(ring_backend, timeout)
+        return {"pg_options": opts} if opts is not None else {}
+
     # new_group is collective over the whole world: every rank creates every group, in one order.
     for start in range(0, world, P):
         block = list(parent_ranks[start : start + P])
@@ -590,7 +646,7 @@ def _build_groups(
                 ulysses_group = ug
         for u in range(U):
             rranks = block[u::U]
-            rg = make(rranks) if R > 1 else None
+            rg = make(rranks, **ring_kwargs()) if R > 1 else None
             if me in rranks:
                 ring_group = rg
     return _Groups(
