@@ -1,6 +1,7 @@
 """Drop-in for diffusers: ``set_attention_backend("fused_ring")`` + diffusers' own ``enable_parallelism``
-runs sp_kernels' ring over diffusers' process groups; a tiny random-weight Flux on gloo must equal the
-same model on one process (diffusers' native SDPA, no sp_kernels code) at fp32."""
+runs sp_kernels' ring over diffusers' process groups; a tiny random-weight Flux (joint attention) and
+Wan (cross-attention to text whose K/V diffusers may or may not shard: gathered either way) on gloo
+must equal the same model on one process (diffusers' native SDPA, no sp_kernels code) at fp32."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ pytestmark = pytest.mark.skipif(
     reason="diffusers is not installed (scripts/setup.sh installs it); the drop-in integration needs it",
 )
 
-def _dropin_cases(cases: list[tuple[str, int, int]]) -> list[dict]:
-    """Rank side: for each (backend, ring_degree, ulysses_degree) run the model on one process with
+def _dropin_cases(cases: list[tuple[str, str, int, int]]) -> list[dict]:
+    """Rank side: for each (family, backend, ring_degree, ulysses_degree) run the model on one process with
     diffusers' native attention, then under diffusers' context parallelism with our backend.
     ``return_dict=False``: diffusers' CP output hook rejects its own output dataclass at a root key."""
     import logging
@@ -49,10 +50,10 @@ def _dropin_cases(cases: list[tuple[str, int, int]]) -> list[dict]:
     results = []
     try:
         integration.register()
-        for backend, ring_degree, ulysses_degree in cases:
-            inputs = diffusers_tiny.make_inputs("flux", 16, text_tokens=8, seed=3)
+        for family, backend, ring_degree, ulysses_degree in cases:
+            inputs = diffusers_tiny.make_inputs(family, 16 if family == "flux" else 24, text_tokens=8, seed=3)
             with torch.no_grad():
-                model = diffusers_tiny.build("flux", seed=11)
+                model = diffusers_tiny.build(family, seed=11)
                 single = model(**inputs, return_dict=False)[0]
                 model.set_attention_backend(backend)
                 local = model(**inputs, return_dict=False)[0]  # our backend without parallelism: local attention
@@ -79,12 +80,13 @@ def _dropin_cases(cases: list[tuple[str, int, int]]) -> list[dict]:
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_flux_dropin_matches_single_process(rank_pool, world_size):
-    cases = [("fused_ring", world_size, 1), ("sp_ulysses", 1, world_size)]
+def test_dropin_matches_single_process(rank_pool, world_size):
+    cases = [(f, "fused_ring", world_size, 1) for f in ("flux", "wan")] + [
+        (f, "sp_ulysses", 1, world_size) for f in ("flux", "wan")]
     if world_size == 4:
-        cases.append(("sp_usp", 2, 2))
+        cases.append(("flux", "sp_usp", 2, 2))
     per_rank = rank_pool(world_size).run(_dropin_cases, cases)
-    for i, (backend, ring_degree, _) in enumerate(cases):
+    for i, (_, backend, ring_degree, _) in enumerate(cases):
         for rank, res in enumerate(r[i] for r in per_rank):
             assert res["shape_ok"], (backend, rank)
             assert res["local_err"] < 1e-5, (backend, rank, res)
