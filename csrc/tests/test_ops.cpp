@@ -10,23 +10,17 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
+
 #ifndef SP_KERNELS_EXPECT_CUDA
 #define SP_KERNELS_EXPECT_CUDA 0
 #endif
 
 namespace {
 
-int g_passed = 0;
-int g_failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::fprintf(stderr, "FAILED: %s\n", what.c_str());
-  }
-}
+using sp_kernels_test::check;
+using sp_kernels_test::g_failed;
+using sp_kernels_test::g_passed;
 
 using ShardPadFn = at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, double);
 

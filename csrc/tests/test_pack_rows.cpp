@@ -13,6 +13,8 @@
 #include "sp_kernels/pack_rows.h"
 #include "sp_kernels/pack_rows_host.h"
 
+#include "check.h"
+
 namespace {
 
 using namespace sp_kernels;
@@ -25,17 +27,9 @@ struct alignas(8) Vec8 {
   uint32_t x, y;
 };
 
-int g_passed = 0;
-int g_failed = 0;
-
-void check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::fprintf(stderr, "FAILED: %s\n", what.c_str());
-  }
-}
+using sp_kernels_test::check;
+using sp_kernels_test::g_failed;
+using sp_kernels_test::g_passed;
 
 // Runs the kernel body for every thread of grids of 1 block, 3 blocks and enough blocks for one pass.
 template <typename V, typename I, typename Rows>
