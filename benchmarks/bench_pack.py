@@ -18,7 +18,7 @@ GB/s counts bytes read + written by a single pass (the floor); ``copy GB/s`` is 
 non-temporal stores, so they can exceed it); ``stream copy GB/s`` is our native kernel copying the
 same bytes as one contiguous run (unpack_qkv of a single shard): the floor of our ops.
 ``eager_passes``: full-size copies the eager chain makes, counted while it runs (measured_passes);
-``target``: the speedup DESIGN.md section 5 asks of that row (0.95x at one pass, 2x from two), and
+``target``: the speedup the targets in docs/performance.md asks of that row (0.95x at one pass, 2x from two), and
 ``target_met`` whether the best of ours reached it. ``step`` rows (S not divisible by P, fp32): the
 whole Ulysses step of one rank, ours (exact S, maskless SDPA) vs peers (padded sequence, SDPA with a
 boolean mask over padded keys).
@@ -116,7 +116,7 @@ def measured_passes(fn) -> int:
     depends on the strides (the peers' sequence-first receive layout [P, S_loc, B, h, D] makes
     unpack_qkv's permute + reshape a view, leaving one copy even with padding rows). One pass is the
     floor every implementation shares, where fusion can only reach parity; from two on, a one-pass op
-    should approach the ratio of passes (DESIGN.md section 5 asks >= 2x there)."""
+    should approach the ratio of passes (the targets in docs/performance.md asks >= 2x there)."""
     with _NewStorageBytes() as counter:
         out = fn()
     outs = out if isinstance(out, (list, tuple)) else [out]
@@ -125,7 +125,7 @@ def measured_passes(fn) -> int:
 
 
 def target_speedup(passes: int) -> float:
-    """DESIGN.md section 5: never slower than the eager chain, >= 2x where it makes extra passes."""
+    """the targets in docs/performance.md: never slower than the eager chain, >= 2x where it makes extra passes."""
     return 2.0 if passes >= 2 else 0.95
 
 

@@ -1,6 +1,6 @@
 """sp_kernels: sequence parallelism of attention for PyTorch models (diffusion transformers first).
 
-Public API (a contract, see DESIGN.md section 1): the ``_sp_plan`` types, sharding helpers,
+Public API (a contract, see docs/api.md): the ``_sp_plan`` types, sharding helpers,
 configuration, apply/remove of the hooks, and ``attention``.
 """
 

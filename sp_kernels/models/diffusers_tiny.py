@@ -1,7 +1,7 @@
 """Tiny random-weight diffusers transformers and their inputs, for tests, the demo and the examples.
 
 One entry per model family: the diffusers class, a config small enough for a CPU (sizes after
-diffusers' own tests, see ANCHORS.md), and an input builder that makes exactly ``image_tokens``
+diffusers' own tests), and an input builder that makes exactly ``image_tokens``
 sequence tokens (after patchifying) and ``text_tokens`` prompt tokens. Importing this module does
 not import diffusers; ``build`` does.
 
