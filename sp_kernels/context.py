@@ -211,15 +211,15 @@ def current_context() -> SPContext | None:
     state = get_sp_state()
     if state is None:
         return None
-    default = state._cache.get("default_context")
-    if default is None:
-        default = state._cache["default_context"] = SPContext(state=state, transient=True)
-    return default
+    if state.default_context is None:
+        state.default_context = SPContext(state=state, transient=True)
+    return state.default_context
 
 
 @contextlib.contextmanager
 def sp_forward_context(state: SPState) -> Iterator[SPContext]:
-    """A fresh context for one SP forward (used by the model's forward wrapper, integrations and tests)."""
+    """A fresh context for one SP forward, current until the block exits however it exits (used by the
+    model's forward wrapper, integrations and tests)."""
     ctx = SPContext(state=state)
     token = _CURRENT_CTX.set(ctx)
     try:

@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from . import parallel_state
-from .context import _CURRENT_CTX, SPContext, layout_of, running_context
+from .context import SPContext, layout_of, running_context, sp_forward_context
 from .parallel_state import SequenceParallelConfig, SPState, get_sp_state, init_sequence_parallel
 from .sp_plan import (
     SequenceParallelJointInput,
@@ -112,7 +112,7 @@ def _resolve_key(model: nn.Module, key: str) -> list[nn.Module]:
     return modules
 
 
-class _Signature:
+class Signature:
     """Where a named forward parameter sits: in kwargs, or at a position in args."""
 
     def __init__(self, module: nn.Module) -> None:
@@ -235,7 +235,7 @@ def _split_tensor(
     return out
 
 
-def _split_value(applied: _Applied, key: str, name: Any, spec: Any, value: Any, sig: _Signature, args, kwargs) -> Any:
+def _split_value(applied: _Applied, key: str, name: Any, spec: Any, value: Any, sig: Signature, args, kwargs) -> Any:
     """Split one argument or output per its spec; a list of specs splits a list/tuple argument element-wise."""
     if isinstance(spec, (list, tuple)):
         if not isinstance(value, (list, tuple)) or len(value) != len(spec):
@@ -299,7 +299,7 @@ def _gather_tensor(applied: _Applied, key: str, index: int, spec: SequenceParall
     )
 
 
-def _text_len(key: str, name: Any, spec: SequenceParallelPartialInput, sig: _Signature, args, kwargs) -> int:
+def _text_len(key: str, name: Any, spec: SequenceParallelPartialInput, sig: Signature, args, kwargs) -> int:
     src = spec.text_len_source
     if isinstance(src, int):
         return src
@@ -321,7 +321,7 @@ def _text_len(key: str, name: Any, spec: SequenceParallelPartialInput, sig: _Sig
     )
 
 
-def _make_split_pre_hook(applied: _Applied, key: str, specs: dict, sig: _Signature) -> Callable:
+def _make_split_pre_hook(applied: _Applied, key: str, specs: dict, sig: Signature) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         args = list(args)
         for name, spec in specs.items():
@@ -334,7 +334,7 @@ def _make_split_pre_hook(applied: _Applied, key: str, specs: dict, sig: _Signatu
     return hook
 
 
-def _make_split_output_hook(applied: _Applied, key: str, specs: dict, sig: _Signature) -> Callable:
+def _make_split_output_hook(applied: _Applied, key: str, specs: dict, sig: Signature) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
         items = _output_items(output)
         for index, spec in specs.items():
@@ -378,18 +378,18 @@ def _default_config() -> SequenceParallelConfig:
     return SequenceParallelConfig()
 
 
-def _resolve_plan(model: nn.Module, plan: dict) -> list[tuple[str, nn.Module, Any, _Signature]]:
+def _resolve_plan(model: nn.Module, plan: dict) -> list[tuple[str, nn.Module, Any, Signature]]:
     """Every (key, module, spec, signature) of ``plan``; raises, naming the key, before anything is touched."""
     cls = type(model).__name__
     try:
         validate_sp_plan(plan)
     except ValueError as e:
         raise ValueError(f"{cls}: {e}") from e
-    resolved: list[tuple[str, nn.Module, Any, _Signature]] = []
+    resolved: list[tuple[str, nn.Module, Any, Signature]] = []
     split_owner: dict[int, str] = {}
     for key, spec in plan.items():
         for m in _resolve_key(model, key):
-            sig = _Signature(m)
+            sig = Signature(m)
             if isinstance(spec, dict):
                 for name, item in spec.items():
                     if isinstance(name, str) and not sig.knows(name):
@@ -440,7 +440,7 @@ def apply_sequence_parallel(
     if config is None:
         config = _default_config()
     error: BaseException | None = None
-    resolved: list[tuple[str, nn.Module, Any, _Signature]] = []
+    resolved: list[tuple[str, nn.Module, Any, Signature]] = []
     try:
         if not isinstance(config, SequenceParallelConfig):
             raise TypeError(f"config must be a SequenceParallelConfig, got {type(config).__name__}")
@@ -515,27 +515,24 @@ def _wrap_forward(model: nn.Module, applied: _Applied, root_pre: list[Callable],
         if applied.forward_wrapper is None:  # removed while someone else's wrapper sat on top of ours
             return orig(*args, **kwargs)
         state.raise_if_broken(f"{cls}.forward")
-        ctx = SPContext(state=state)
-        token = _CURRENT_CTX.set(ctx)
-        try:
-            for hook in root_pre:
-                changed = hook(self, args, kwargs)
-                if changed is not None:
-                    args, kwargs = changed
-            output = orig(*args, **kwargs)
-            for hook in root_post:
-                changed = hook(self, args, kwargs, output)
-                if changed is not None:
-                    output = changed
-            return output
-        except BaseException as e:
-            if state.sp_size > 1:
-                # Even before its first collective: the other ranks may already wait in one, and this rank's
-                # next forward would be matched against it.
-                state.mark_broken(f"{type(e).__name__} inside a forward of {cls}: {e}")
-            raise
-        finally:
-            _CURRENT_CTX.reset(token)
+        with sp_forward_context(state):
+            try:
+                for hook in root_pre:
+                    changed = hook(self, args, kwargs)
+                    if changed is not None:
+                        args, kwargs = changed
+                output = orig(*args, **kwargs)
+                for hook in root_post:
+                    changed = hook(self, args, kwargs, output)
+                    if changed is not None:
+                        output = changed
+                return output
+            except BaseException as e:
+                if state.sp_size > 1:
+                    # Even before its first collective: the other ranks may already wait in one, and this rank's
+                    # next forward would be matched against it.
+                    state.mark_broken(f"{type(e).__name__} inside a forward of {cls}: {e}")
+                raise
 
     applied.forward_before = before
     applied.forward_wrapper = types.MethodType(forward, model)
@@ -565,8 +562,7 @@ def remove_sequence_parallel(model: nn.Module) -> nn.Module:
     for h in applied.handles:
         h.remove()
     _unwrap_forward(model, applied)
-    for release in applied.state._cache.pop("release_callbacks", []):
-        release()
+    applied.state.release_buffers()
     if applied.state.broken is not None:
         parallel_state.discard_state(applied.state)
     delattr(model, _APPLIED_ATTR)

@@ -7,7 +7,7 @@ world is cut into consecutive SP groups (data-parallel replicas, e.g. CFG parall
 
 Process groups are a property of (parent ranks, degrees, timeout) only, so every config that
 differs in nothing else (``attention_backend``, ``strict_dims``) shares them; each config still
-gets its own ``SPState`` (its own ``_cache`` and ``broken`` flag). Every group the library creates
+gets its own ``SPState`` (its own buffers, default context and ``broken`` flag). Every group the library creates
 gets the library timeout, and ``destroy_sequence_parallel`` destroys all of them.
 
 Setup is checked locally first and then agreed on (``agree_on_setup``): a rank that fails alone
@@ -21,12 +21,12 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-# Names accepted by SequenceParallelConfig.attention_backend / attention(backend=...).
-BACKEND_NAMES = ("auto", "local", "ulysses", "ring", "usp", "fused_ring")
+from .backends import BACKEND_NAMES, BACKENDS, auto_backend
 
 # torch's own default when nothing better can be read (torch.distributed.constants.default_pg_timeout).
 _TORCH_DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
@@ -66,17 +66,14 @@ class SequenceParallelConfig:
             )
         _check_timeout(self.timeout)
         b, u, r = self.attention_backend, self.ulysses_degree, self.ring_degree
-        if b == "ulysses" and r > 1:
-            raise ValueError(f"attention_backend='ulysses' needs ring_degree == 1 (got ring_degree={r}); use 'usp'")
-        if b in ("ring", "fused_ring") and u > 1:
+        unmet = BACKENDS[b].unmet(u, r)
+        if unmet == "sequence_parallel_size":
             raise ValueError(
-                f"attention_backend={b!r} needs ulysses_degree == 1 (got ulysses_degree={u}); use 'usp'"
-            )
-        if b == "local" and u * r > 1:
-            raise ValueError(
-                f"attention_backend='local' cannot run a sharded sequence (ulysses_degree={u}, ring_degree={r}): "
+                f"attention_backend={b!r} cannot run a sharded sequence (ulysses_degree={u}, ring_degree={r}): "
                 "attention would only see the local shard; use 'auto'"
             )
+        if unmet is not None:
+            raise ValueError(f"attention_backend={b!r} needs {unmet} == 1 (got {unmet}={getattr(self, unmet)}); use 'usp'")
 
     @property
     def sequence_parallel_size(self) -> int:
@@ -86,13 +83,7 @@ class SequenceParallelConfig:
         """The backend "auto" stands for at these degrees."""
         if self.attention_backend != "auto":
             return self.attention_backend
-        if self.sequence_parallel_size == 1:
-            return "local"
-        if self.ring_degree == 1:
-            return "ulysses"
-        if self.ulysses_degree == 1:
-            return "fused_ring"
-        return "usp"
+        return auto_backend(self.ulysses_degree, self.ring_degree)
 
     def timeout_delta(self) -> datetime.timedelta:
         """The effective timeout of the groups built for this config (None -> the default group's)."""
@@ -188,7 +179,13 @@ class SPState:
     # Global ranks of this rank's SP group, in sp_rank order.
     sp_ranks: tuple[int, ...] = (0,)
     broken: str | None = None
-    _cache: dict = field(default_factory=dict, repr=False)
+    # What attention keeps across calls. ``default_context``: the SPContext of attention outside any
+    # SP forward (context.py; typed loosely, context imports this module). ``ring_buffers``: the ring
+    # receive buffers, (dtype, device) -> two flat tensors (attn/ring.py).
+    default_context: Any = field(default=None, repr=False)
+    ring_buffers: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def sp_size(self) -> int:
@@ -214,6 +211,12 @@ class SPState:
     @property
     def ring_rank(self) -> int:
         return self.sp_rank // self.config.ulysses_degree
+
+    def release_buffers(self) -> int:
+        """Free the ring receive buffers (the next ring call allocates them again); returns how many pairs."""
+        n = len(self.ring_buffers)
+        self.ring_buffers.clear()
+        return n
 
     def mark_broken(self, reason: str) -> None:
         """Refuse further use of this state; the first reason is kept (later errors are its fallout)."""

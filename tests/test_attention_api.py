@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import sp_kernels
-import sp_kernels.attn as attn_pkg
 from sp_kernels.attn import Attention, attention, register_backend, registered_backends, resolve_backend
 from sp_kernels.context import sp_forward_context
 from sp_kernels.parallel_state import SequenceParallelConfig, SPState
@@ -46,7 +45,7 @@ def test_local_cross_attention_and_top_level_export():
     ],
 )
 def test_top_level_names_on_first_access(code):
-    """DESIGN.md section 1: sp_kernels.attention / Attention, reached before anything imported the subpackage."""
+    """docs/api.md: sp_kernels.attention / Attention, reached before anything imported the subpackage."""
     root = Path(__file__).resolve().parents[1]
     probe = code + "; import torch; q = torch.randn(1, 3, 2, 4); import sp_kernels as s; s.attention(q, q, q)"
     proc = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120)
@@ -133,7 +132,7 @@ def test_sharded_region_rejects_cross_attention_and_grad():
             attention(q.requires_grad_(), k, v)
 
 
-def test_resolve_backend_auto_and_registry(monkeypatch):
+def test_resolve_backend_auto_and_registry():
     def state(u, r, backend="auto"):
         return SPState(config=SequenceParallelConfig(ulysses_degree=u, ring_degree=r, attention_backend=backend))
 
@@ -145,11 +144,53 @@ def test_resolve_backend_auto_and_registry(monkeypatch):
     assert resolve_backend(None, state(1, 4, "usp")) == "usp"
     assert resolve_backend(None, state(1, 4)) == "fused_ring"
     assert set(registered_backends()) >= {"ulysses", "ring", "usp", "fused_ring"}
-    monkeypatch.setattr(attn_pkg, "_BACKENDS", dict(attn_pkg._BACKENDS))
     with pytest.raises(ValueError, match="already registered"):
         register_backend("fused_ring", lambda call, valid: call.query)
     with pytest.raises(ValueError, match="not a backend name"):
         register_backend("mine", lambda call, valid: call.query)
+
+
+def test_one_backend_table():
+    """Config validation, "auto", the registry and the implementations all come from sp_kernels.backends."""
+    from sp_kernels import backends
+    from sp_kernels.attn import ring
+
+    assert backends.BACKEND_NAMES == ("auto", "local", "ulysses", "ring", "usp", "fused_ring")
+    assert registered_backends() == ("local", "ulysses", "ring", "usp", "fused_ring")
+    for u, r in [(1, 1), (4, 1), (1, 4), (2, 2)]:
+        for name, spec in backends.BACKENDS.items():
+            fits = spec.unmet(u, r) is None
+            try:
+                SequenceParallelConfig(ulysses_degree=u, ring_degree=r, attention_backend=name)
+                accepted = True
+            except ValueError:
+                accepted = False
+            assert accepted == fits, (name, u, r)
+        assert backends.BACKENDS[SequenceParallelConfig(ulysses_degree=u, ring_degree=r).resolved_backend()].unmet(
+            u, r) is None
+    assert backends.backend_function("fused_ring") is ring.fused_ring_attention
+    assert backends.backend_function("ring") is ring.ring_attention
+
+    def mine(call, valid):
+        return call.query
+
+    register_backend("usp", mine, replace=True)
+    try:
+        assert backends.backend_function("usp") is mine
+    finally:
+        backends.restore_backend("usp")
+    assert backends.backend_function("usp") is not mine
+
+
+def test_fused_ring_runs_without_importing_it_first():
+    code = (
+        "import sys; from sp_kernels.backends import backend_function; "
+        "assert 'sp_kernels.attn.fused_ring' not in sys.modules; "
+        "assert backend_function('fused_ring').__name__ == 'fused_ring_attention'"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_ambiguous_layouts_raise():

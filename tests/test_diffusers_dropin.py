@@ -27,7 +27,6 @@ def _dropin_cases(cases: list[tuple[str, str, int, int]]) -> list[dict]:
     import torch.distributed as dist
 
     import sp_kernels.integrations.diffusers as integration
-    from sp_kernels import attn
     from sp_kernels.comm import TorchRingComm
     from sp_kernels.models import diffusers_tiny
 
@@ -38,7 +37,6 @@ def _dropin_cases(cases: list[tuple[str, str, int, int]]) -> list[dict]:
     had_once = hasattr(logging.Logger, "warning_once")
     if not had_once:
         logging.Logger.warning_once = logging.Logger.warning  # type: ignore[attr-defined]
-    before = attn._BACKENDS.get("fused_ring")
     counts = {"ring": 0}
     real_post = TorchRingComm.post
 
@@ -74,8 +72,6 @@ def _dropin_cases(cases: list[tuple[str, str, int, int]]) -> list[dict]:
         torch.accelerator.device_count = real_count
         if not had_once:
             del logging.Logger.warning_once
-        if before is None:
-            attn._BACKENDS.pop("fused_ring", None)
     return results
 
 

@@ -28,7 +28,7 @@ def _sp_cases(world: int, families: tuple[str, ...], backends: tuple[str, ...]) 
     """Rank side: every (family, backend, tokens, return_dict) with one model per family, enabled and
     disabled again for each case (which also checks that disable restores it)."""
     from sp_kernels import SequenceParallelConfig
-    from sp_kernels import attn as attn_pkg
+    from sp_kernels.backends import SP_BACKEND_NAMES, backend_function, register_backend, restore_backend
     from sp_kernels.integrations.diffusers import disable_sequence_parallel, enable_sequence_parallel
     from sp_kernels.models import diffusers_tiny
 
@@ -36,7 +36,7 @@ def _sp_cases(world: int, families: tuple[str, ...], backends: tuple[str, ...]) 
     # Wan's plan splits a per-token timestep [B, N] (Wan 2.2); the tiny model's [B] is skipped with a warning.
     logging.getLogger("sp_kernels").setLevel(logging.ERROR)
     calls: dict[str, int] = {}
-    real = dict(attn_pkg._BACKENDS)
+    real = {name: backend_function(name) for name in SP_BACKEND_NAMES}
 
     def counting(name):
         def fn(call, valid):
@@ -45,7 +45,7 @@ def _sp_cases(world: int, families: tuple[str, ...], backends: tuple[str, ...]) 
         return fn
 
     for name in real:
-        attn_pkg._BACKENDS[name] = counting(name)
+        register_backend(name, counting(name), replace=True)
     results = []
     try:
         for family in families:
@@ -79,8 +79,8 @@ def _sp_cases(world: int, families: tuple[str, ...], backends: tuple[str, ...]) 
                               if hasattr(m, "processor")]
             results.append({"case": (family, "processors restored"), "ok": backends_before == backends_after})
     finally:
-        attn_pkg._BACKENDS.clear()
-        attn_pkg._BACKENDS.update(real)
+        for name in real:
+            restore_backend(name)
     return results
 
 

@@ -21,28 +21,10 @@ from tests.attention_reference import random_qkv, reference_attention
 from tests.test_attention_dist import standard_cases
 
 
-@contextlib.contextmanager
-def fused_ring_registered() -> Iterator[None]:
-    """Register "fused_ring" for the duration and restore the registry after: the rank pools are
-    shared with tests that check the registry as attn/__init__ leaves it."""
-    from sp_kernels import attn
-    from sp_kernels.attn import fused_ring
-
-    before = attn._BACKENDS.get("fused_ring")
-    fused_ring.register()
-    try:
-        yield
-    finally:
-        if before is None:
-            attn._BACKENDS.pop("fused_ring", None)
-        else:
-            attn._BACKENDS["fused_ring"] = before
-
-
 def run_fused_cases(cases: list[dict]) -> list[dict]:
-    """Rank side: like attention_cases.run_cases, with fused_ring registered and each case's merge mode."""
+    """Rank side: like attention_cases.run_cases, with each case's merge mode."""
     results = []
-    with fused_ring_registered(), poisoned_buffers():
+    with poisoned_buffers():
         for case in cases:
             ring.set_default_merge(case.get("merge"))
             try:
@@ -177,19 +159,16 @@ def _fused_structure(lens: list[int], merge: str, joint_len: int) -> dict:
                                  0.3, False, joint, "fused_ring", state, None)
             outs.append(fused_ring_attention(call, lens, comm=RecordingComm(state.ring_group, log), merge=merge))
             allocs_per_call.append(allocs[n_alloc:])
-        cached = sorted(str(key) for key in state._cache if isinstance(key, tuple))
-        callbacks = list(state._cache.get("release_callbacks", []))
-        # What remove_sequence_parallel does with the state's release callbacks.
-        for release in state._cache.pop("release_callbacks", []):
-            release()
-        after = sorted(str(key) for key in state._cache if isinstance(key, tuple))
+        cached = sorted(str(key) for key in state.ring_buffers)
+        released = release_ring_buffers(state)  # what remove_sequence_parallel does too
+        after = sorted(str(key) for key in state.ring_buffers)
     finally:
         ring.block_attention, ring.new_buffer, ring.ring_core = real_block, real_new, real_core
     ref = reference_attention(q, k, v, scale=0.3, joint=(jq, jk, jv) if joint_len else None)
     ref = torch.cat([ref[:, :joint_len], ref[:, joint_len + start : joint_len + start + n]], dim=1)
     err = max(((o - ref).abs().max().item() if o.numel() else 0.0) for o in outs)
     return {"log": log, "err": err, "allocs": allocs_per_call, "cached": cached, "after": after,
-            "callbacks": len(callbacks)}
+            "released": released}
 
 
 def _split_calls(log: list) -> list[list]:
@@ -246,7 +225,7 @@ def test_fused_ring_structure(rank_pool, merge, joint_len):
         recv_ptrs = [e[3] for c in calls for e in c if e[0] == "post" and e[2]]
         assert 1 <= len(set(recv_ptrs)) <= 2
         assert [e[3] for e in calls[0] if e[0] == "post"] == [e[3] for e in calls[2] if e[0] == "post"]
-        assert res["callbacks"] == 1 and res["cached"] and not res["after"], res
+        assert res["released"] == 1 and res["cached"] and not res["after"], res
 
 
 def _bad_inputs() -> dict:
@@ -344,14 +323,13 @@ def test_stream_ordering_with_fake_cuda(monkeypatch):
     ]
 
 
-def test_auto_picks_fused_ring_when_registered():
+def test_auto_picks_fused_ring():
     from sp_kernels.attn import resolve_backend
     from sp_kernels.parallel_state import SPState
 
     state = SPState(config=SequenceParallelConfig(ring_degree=2))
-    with fused_ring_registered():
-        assert resolve_backend(None, state) == "fused_ring"
-        assert resolve_backend("fused_ring", state) == "fused_ring"
+    assert resolve_backend(None, state) == "fused_ring"
+    assert resolve_backend("fused_ring", state) == "fused_ring"
     with pytest.raises(ValueError, match="unknown"):
         ring.default_engine("bogus")
     with pytest.raises(ValueError, match="unknown"):
@@ -369,4 +347,4 @@ def test_buffers_recorded_on_the_comm_stream(monkeypatch):
     b = ring.ring_buffers(cache, 8, torch.float32, torch.device("cpu"), stream="comm")
     assert [x.data_ptr() for x in a] == [x.data_ptr() for x in b]  # reused, not reallocated
     assert recorded == [(a[0].data_ptr(), "comm"), (a[1].data_ptr(), "comm")]
-    assert ring.release_ring_buffers(cache) == 1 and ring.release_ring_buffers(cache) == 0
+    assert list(cache) == [(torch.float32, torch.device("cpu"))]

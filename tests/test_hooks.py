@@ -159,16 +159,16 @@ def test_bad_runtime_values_name_key_and_parameter():
 
 
 def test_context_is_per_forward_and_reset_on_exception():
-    from sp_kernels.context import _CURRENT_CTX
+    from sp_kernels.context import running_context
 
     model = build("dit")
     apply_sequence_parallel(model)
-    assert _CURRENT_CTX.get() is None
+    assert running_context() is None
     with pytest.raises(RuntimeError):
         model(x=torch.randn(2, 5, 3, dtype=torch.float64), temb=torch.randn(2, 16, dtype=torch.float64))
-    assert _CURRENT_CTX.get() is None
+    assert running_context() is None
     model(**make_inputs("dit", 5))
-    assert _CURRENT_CTX.get() is None
+    assert running_context() is None
     remove_sequence_parallel(model)
 
 

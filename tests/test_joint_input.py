@@ -84,8 +84,6 @@ def _plan(order: str, joint: bool = True) -> dict:
 
 
 def _run(backends: tuple[str, ...]) -> list[dict]:
-    import sp_kernels.attn.fused_ring  # noqa: F401 - registers "fused_ring"
-
     world = dist.get_world_size()
     results = []
     for order in ("front", "rear"):

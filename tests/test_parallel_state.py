@@ -226,7 +226,7 @@ def run_group_reuse(cycles: int, reinit_cycles: int):
     destroy_sequence_parallel()
     a, b = init_sequence_parallel(ring), init_sequence_parallel(fused)
     shared = (a is not b and a.sp_group is b.sp_group and a.ring_group is b.ring_group
-              and a.config == ring and b.config == fused and a._cache is not b._cache)
+              and a.config == ring and b.config == fused and a.ring_buffers is not b.ring_buffers)
     base = _resources()
     for _ in range(cycles):
         again = init_sequence_parallel(ring)

@@ -1,39 +1,44 @@
-"""``attention()``: one entry point for local and sequence-parallel attention, and its backend registry.
+"""``attention()``: one entry point for local and sequence-parallel attention.
 
 Layout ``[batch, seq, heads, head_dim]`` (BSHD) for every tensor. Inside a sharded region the record
 of what was sharded (context.py) decides what the inputs are (``read_roles``); sharded
 self-attention runs on the configured backend, cross-attention to recorded sharded K/V all-gathers
 them, and everything else is plain attention on the tensors given. ``backend="local"`` (or
 ``Attention(skip_sequence_parallel=True)``, vLLM-Omni's name) declares attention that must stay on
-this rank, e.g. cross-attention to replicated tokens. See docs/attention.md.
+this rank, e.g. cross-attention to replicated tokens. Which backends exist, the degrees each runs
+and their implementations: the table in sp_kernels/backends.py. See docs/attention.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backends import (
+    BACKEND_NAMES,
+    BACKENDS,
+    BackendFn,
+    backend_function,
+    register_backend,
+    registered_backends,
+    resolve_backend,
+)
 from ..context import ShardLayout, SPContext, current_context
-from ..parallel_state import BACKEND_NAMES, SPState
+from ..parallel_state import SPState
 from ..sp_sharding import _all_gather_cat
 from .agreement import exchange_rows
 from .call import AttentionCall, Joint, validate_inputs
 from .local import NoKernelError, block_attention, block_kernel_names, register_block_kernel
-from .ring import ring_attention
-from .ulysses import ulysses_attention
-from .usp import usp_attention
 
 Tensor = torch.Tensor
-BackendFn = Callable[[AttentionCall, list[int]], Tensor]
-"""A sequence-parallel backend: (call, valid rows of every SP rank in sp_rank order) -> output."""
 
 __all__ = [
     "Attention",
     "AttentionCall",
+    "BackendFn",
     "NoKernelError",
     "Roles",
     "attention",
@@ -47,45 +52,6 @@ __all__ = [
     "resolve_backend",
     "sharded_attention",
 ]
-
-
-def _ulysses(call: AttentionCall, valid: list[int]) -> Tensor:
-    return ulysses_attention(call, valid)
-
-
-def _ring(call: AttentionCall, valid: list[int]) -> Tensor:
-    return ring_attention(call, valid)
-
-
-_BACKENDS: dict[str, BackendFn] = {"ulysses": _ulysses, "ring": _ring, "usp": usp_attention}
-# Degrees each backend can run: (needs ulysses_degree == 1, needs ring_degree == 1).
-_NEEDS = {"ulysses": (False, True), "ring": (True, False), "fused_ring": (True, False), "usp": (False, False)}
-
-
-def register_backend(name: str, fn: BackendFn, *, replace: bool = False) -> None:
-    """Register a sequence-parallel backend under one of the names SequenceParallelConfig accepts."""
-    if name not in BACKEND_NAMES or name in ("auto", "local"):
-        raise ValueError(
-            f"register_backend: {name!r} is not a backend name SequenceParallelConfig accepts; expected one of "
-            f"{[n for n in BACKEND_NAMES if n not in ('auto', 'local')]}"
-        )
-    if name in _BACKENDS and not replace:
-        raise ValueError(f"register_backend: {name!r} is already registered (pass replace=True to override)")
-    _BACKENDS[name] = fn
-
-
-def registered_backends() -> tuple[str, ...]:
-    return ("local", *_BACKENDS)
-
-
-def resolve_backend(backend: str | None, state: SPState | None) -> str:
-    """The backend that runs: ``backend`` or the state's configured one, with "auto" resolved."""
-    name = backend if backend is not None else (state.config.attention_backend if state is not None else "local")
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"attention: backend={name!r} is unknown; expected one of {list(BACKEND_NAMES)}")
-    if name == "auto":
-        name = state.config.resolved_backend() if state is not None else "local"
-    return name
 
 
 def _join(query: Tensor, key: Tensor, value: Tensor, joint: Joint | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,13 +180,12 @@ def read_roles(ctx: SPContext, q_rows: int, k_rows: int) -> Roles:
 
 
 def _check_degrees(name: str, state: SPState) -> None:
-    needs_u1, needs_r1 = _NEEDS.get(name, (False, False))
     u, r = state.ulysses_size, state.ring_size
-    if (needs_u1 and u != 1) or (needs_r1 and r != 1):
-        want = "ulysses_degree == 1" if needs_u1 else "ring_degree == 1"
+    unmet = BACKENDS[name].unmet(u, r)
+    if unmet is not None:
         raise ValueError(
-            f"attention: backend {name!r} needs {want}, but the SP state has ulysses_degree={u}, ring_degree={r}; "
-            "use backend='usp' or 'auto'"
+            f"attention: backend {name!r} needs {unmet} == 1, but the SP state has ulysses_degree={u}, "
+            f"ring_degree={r}; use backend='usp' or 'auto'"
         )
 
 
@@ -339,10 +304,6 @@ def sharded_attention(
             "tokens: pass the prompt trimmed to its valid tokens"
         )
 
-    if name not in _BACKENDS:
-        raise ValueError(
-            f"attention: backend {name!r} is not registered yet; registered: {list(registered_backends())}"
-        )
     _check_degrees(name, state)
     grads = [t for t in (query, key, value) if t.requires_grad] + (
         [t for t in (joint.query, joint.key, joint.value) if t.requires_grad] if joint is not None else [])
@@ -360,7 +321,7 @@ def sharded_attention(
         query, key, value, joint = _split_replicated(query, key, value, joint, layout)
     call = AttentionCall(query, key, value, scale, causal, joint, name, state, layout)
     try:
-        return _BACKENDS[name](call, _valid_rows(call, name, refusal))
+        return backend_function(name)(call, _valid_rows(call, name, refusal))
     except BaseException as e:
         # Another rank may now wait in a collective this one left: later calls must not cross with it.
         state.mark_broken(f"{type(e).__name__} in {name} attention: {e}")
@@ -447,6 +408,3 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         return f"causal={self.causal}, backend={self.backend!r}, joint_strategy={self.joint_strategy!r}"
 
-
-# Registers "fused_ring" in the registry above; at the end because fused_ring imports register_backend.
-from . import fused_ring  # noqa: E402,F401

@@ -10,9 +10,9 @@ import torch
 
 from ..context import ShardLayout
 from ..parallel_state import SPState
+from ..sp_plan import JOINT_STRATEGIES
 
 Tensor = torch.Tensor
-JOINT_STRATEGIES = ("front", "rear")
 
 
 @dataclass(frozen=True)

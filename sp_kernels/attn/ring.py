@@ -1,21 +1,30 @@
-"""Ring attention: K/V blocks travel around the ring while each rank attends its queries to them.
+"""Ring attention, both ring backends: K/V blocks travel around the ring while each rank attends its
+queries to them.
 
-One loop (``ring_core``) serves both ring backends; a ``RingEngine`` says how it runs:
+One loop (``ring_core``) serves both; a ``RingEngine`` says how it runs:
 
-* ``"ring"`` (``REFERENCE_ENGINE``): the simple reference -- transfers issued on the current stream,
-  partial results merged into a running fp32 accumulator after every step.
-* ``"fused_ring"`` (fused_ring.py): on CUDA the transfers go on a dedicated high-priority stream
-  ordered against compute by events, and the merge is per step (the fused op) or deferred (all W
-  partials kept, one W-way merge at the end). On CPU/gloo the same loop runs with async work handles.
+* ``"ring"`` (``ring_attention``, ``REFERENCE_ENGINE``): the simple reference -- transfers issued on
+  the current stream, partial results merged into a running fp32 accumulator after every step.
+* ``"fused_ring"`` (``fused_ring_attention``, ``default_engine()``): communication hidden behind
+  compute. On CUDA every K+V transfer goes on a dedicated high-priority stream
+  (``comm.comm_stream``), ordered against compute with events only: step i+1's transfer is in
+  flight while step i's block attention runs, and the host never synchronizes inside the loop.
+  Partial results are merged per step into one fp32 accumulator (``merge="fused"``: the fused
+  in-place merge op) or kept and merged once at the end (``merge="deferred"``: one W-way merge, W
+  partial outputs of memory). On CPU/gloo the same code path runs: ``batch_isend_irecv`` returns
+  async work handles, so the exchange overlaps the block attention there too. USP uses this engine
+  for its ring part. The merge mode defaults to ``DEFAULT_MERGE[device type]`` (fused on CPU,
+  measured faster by benchmarks/bench_ring.py; deferred on CUDA, predicted faster by
+  docs/performance.md); ``SP_KERNELS_RING_MERGE=fused|deferred`` or ``set_default_merge`` override it.
 
 Per step the next block's transfer is posted before this step's compute and waited after it
 (``RingComm.post``/``wait``), K and V travel in one buffer, and partial results are merged in fp32
 with the log1p form (merge.py). Receive buffers: two flat buffers per (dtype, device), sized to the
-largest block and kept in ``state._cache`` across calls -- no allocation per step or per call once
-warm; ``release_ring_buffers`` (or ``remove_sequence_parallel``, through the state's
-``release_callbacks``) frees them. Shards of unequal length work without padding: every rank knows
-every block's length (exchanged once per call, or derived from the recorded ShardLayout), so each
-message is sized exactly and both ends agree on it. auto_pad rows are simply not part of any block.
+largest block and kept in the SP state (``SPState.ring_buffers``) across calls -- no allocation per
+step or per call once warm; ``release_ring_buffers`` (or ``remove_sequence_parallel``) frees them.
+Shards of unequal length work without padding: every rank knows every block's length (exchanged
+once per call, or derived from the recorded ShardLayout), so each message is sized exactly and both
+ends agree on it. auto_pad rows are simply not part of any block.
 
 Causal: NAIVE, not load-balanced. Blocks are in rank order, so rank r computes blocks 0..r (block
 r with the causal mask) and skips the rest while still forwarding them; the last rank does R times
@@ -35,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from ..comm import RingComm, StreamOrderedComm, TorchRingComm, check_comm_device, comm_stream
+from ..parallel_state import SPState, get_sp_state
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
 from .local import block_attention, lse_dtype
@@ -48,7 +58,6 @@ except ImportError:  # pragma: no cover - builds without the merge ops
 
 Tensor = torch.Tensor
 MERGE_MODES = ("fused", "deferred")
-_BUFFER_KEY = "ring_kv"
 
 
 @dataclass(frozen=True)
@@ -93,31 +102,21 @@ def default_engine(merge: str | None = None, device_type: str = "cuda") -> RingE
     return RingEngine(merge=merge, comm_stream=True)
 
 
-def release_ring_buffers(cache: dict) -> int:
-    """Free the cached ring receive buffers of one SP state's cache; returns how many pairs were dropped."""
-    keys = [k for k in cache if isinstance(k, tuple) and k and k[0] == _BUFFER_KEY]
-    for k in keys:
-        del cache[k]
-    return len(keys)
+def release_ring_buffers(state: SPState | None = None) -> int:
+    """Free the cached ring receive buffers of ``state`` (default: the current SP state).
 
-
-def _register_release(cache: dict) -> None:
-    # remove_sequence_parallel pops and calls this list, so register again whenever it is gone.
-    callbacks = cache.setdefault("release_callbacks", [])
-    if not any(getattr(cb, "_sp_ring_buffers", False) for cb in callbacks):
-
-        def release() -> None:
-            release_ring_buffers(cache)
-
-        release._sp_ring_buffers = True  # type: ignore[attr-defined]
-        callbacks.append(release)
+    Returns the number of buffer pairs dropped. The next ring call allocates them again.
+    """
+    state = state if state is not None else get_sp_state()
+    return state.release_buffers() if state is not None else 0
 
 
 def ring_buffers(
     cache: dict, numel: int, dtype: torch.dtype, device: torch.device, stream: object | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The two flat receive buffers (at least ``numel`` elements each), allocated once and reused."""
-    key = (_BUFFER_KEY, dtype, device)
+    """The two flat receive buffers (at least ``numel`` elements each) in ``cache`` (an SP state's
+    ``ring_buffers``: (dtype, device) -> pair), allocated once and reused."""
+    key = (dtype, device)
     bufs = cache.get(key)
     if bufs is None or bufs[0].numel() < numel:
         bufs = (new_buffer((numel,), dtype, device), new_buffer((numel,), dtype, device))
@@ -128,7 +127,6 @@ def ring_buffers(
         # allocation: the reference engine may have allocated them without a stream. (Host-side only.)
         for b in bufs:
             b.record_stream(stream)  # type: ignore[arg-type]
-    _register_release(cache)
     return bufs
 
 
@@ -214,6 +212,7 @@ def ring_core(
     engine: RingEngine | None = None,
 ) -> None:
     """Attention of this rank's queries over all ring blocks (+ joint tokens), written into the outputs.
+    ``cache`` keeps the receive buffers across calls (``ring_buffers``).
 
     q/k/v hold exactly ``lens[comm.rank]`` rows (no padding). ``joint`` tensors have the same heads as
     q/k/v. ``out_seq`` ``[B, lens[rank], Hq, D]``, ``out_joint`` ``[B, J, Hq, D]`` (when joint).
@@ -324,7 +323,7 @@ def run_ring(call: AttentionCall, lens: list[int], comm: RingComm | None, engine
         joint=joint,
         out_seq=result[:, seq0 : seq0 + n],
         out_joint=(result[:, :J] if front else result[:, L : L + J]) if joint is not None else None,
-        cache=state._cache,
+        cache=state.ring_buffers,
         engine=engine,
     )
     return result
@@ -333,3 +332,10 @@ def run_ring(call: AttentionCall, lens: list[int], comm: RingComm | None, engine
 def ring_attention(call: AttentionCall, lens: list[int], comm: RingComm | None = None) -> Tensor:
     """The "ring" backend: the reference engine (current stream, running merge)."""
     return run_ring(call, lens, comm, REFERENCE_ENGINE)
+
+
+def fused_ring_attention(
+    call: AttentionCall, lens: list[int], comm: RingComm | None = None, *, merge: str | None = None
+) -> Tensor:
+    """The "fused_ring" backend over ``call.state.ring_group``; ``lens`` = valid rows of every ring rank."""
+    return run_ring(call, lens, comm, default_engine(merge, call.query.device.type))

@@ -50,6 +50,6 @@ def usp_attention(call: AttentionCall, valid: list[int]) -> Tensor:
         joint=joint,
         out_seq=out[:, seq0 : seq0 + S],
         out_joint=out_joint,
-        cache=state._cache,
+        cache=state.ring_buffers,
     )
     return gather_heads(stage, out[:, seq0 : seq0 + S], out_joint, joint.strategy if joint is not None else "front")

@@ -63,9 +63,9 @@ import torch.nn as nn
 
 from ..attn import block_attention, effective_mask, sharded_attention
 from ..attn.call import validate_inputs
-from ..attn.fused_ring import register as _register_fused_ring
+from ..backends import BACKENDS as SP_BACKENDS
 from ..context import current_context, sp_forward_context
-from ..hooks import _Signature, apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
+from ..hooks import Signature, apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
 from ..parallel_state import SequenceParallelConfig, SPState, default_group_timeout, device_of_group
 from .diffusers_plans import CROSS_ATTENTION, LOCAL_ATTENTION, PROMPT_MASKS, plan_source, translate_cp_plan
 
@@ -212,7 +212,7 @@ def _make_backend(name: str) -> Callable[..., Any]:
                 f"sp_kernels/diffusers backend {name!r}: return_lse=True under context parallelism is not supported"
             )
         U, R = cp.ulysses_degree, cp.ring_degree
-        if (ours == "fused_ring" and U > 1) or (ours == "ulysses" and R > 1):
+        if SP_BACKENDS[ours].unmet(U, R) is not None:
             raise ValueError(
                 f"sp_kernels/diffusers backend {name!r} cannot run ContextParallelConfig(ulysses_degree={U}, "
                 f"ring_degree={R}); use 'fused_ring' for ring only, 'sp_ulysses' for Ulysses only, 'sp_usp' for both"
@@ -248,7 +248,6 @@ def register() -> list[str]:
     """Add the sp_kernels backends to diffusers' attention dispatch (idempotent); returns their names."""
     from diffusers.models import attention_dispatch as ad
 
-    _register_fused_ring()  # sp_kernels' own registry: "fused_ring" must be selectable by attention()
     names = []
     for value, (member_name, _) in BACKENDS.items():
         member = _add_enum_member(ad.AttentionBackendName, member_name, value)
@@ -338,7 +337,7 @@ def _route_attention(model: nn.Module, cls: str) -> list[tuple[str, nn.Module, A
 def _make_prompt_trim(model: nn.Module, text_name: str, mask_name: str) -> Callable:
     """Root pre-hook: drop the trailing prompt tokens that are padding in every batch entry (see
     diffusers_plans.PROMPT_MASKS for why the image output is unchanged)."""
-    sig = _Signature(model)
+    sig = Signature(model)
 
     def trim(module: nn.Module, args: tuple, kwargs: dict):
         text, text_at = sig.get(text_name, args, kwargs)
