@@ -21,7 +21,7 @@ from tests.op_utils import OpRecorder, force_impl
 
 merge_mod = importlib.import_module("sp_kernels.ops.merge")
 
-NATIVE = merge_mod.NATIVE_OP_REGISTERED
+NATIVE = merge_mod.NATIVE_OPS_REGISTERED
 NATIVE_SKIP = f"native extension not built or not loadable: {_ext.native_error()}"
 TRITON = os.environ.get("SP_KERNELS_TEST_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -15,7 +15,7 @@ from tests.op_utils import OpRecorder, force_impl
 # The submodule, not the function sp_kernels.ops re-exports under the same name.
 sp_mod = importlib.import_module("sp_kernels.ops.shard_pad")
 
-NATIVE = sp_mod.NATIVE_OP_REGISTERED
+NATIVE = sp_mod.NATIVE_OPS_REGISTERED
 NATIVE_SKIP = f"native extension not built or not loadable: {_ext.native_error()}"
 CUDA_READY = torch.cuda.is_available() and _ext.has_native_kernel("shard_pad", "cuda")
 

@@ -22,23 +22,23 @@ Ops (schemas in csrc/ops.cpp, contract in csrc/include/sp_kernels/merge.h):
 Inputs may have any strides over B, S, H (what attention kernels produce); head_dim must have
 stride 1. Implementations: native C++ (CPU) / CUDA, Triton (CUDA, or CPU under
 ``TRITON_INTERPRET=1``), and pure torch (``lse_merge_torch_``/``lse_merge_all_torch``: the eager
-log1p merge, also the reference the others are tested against). ``SP_KERNELS_IMPL`` forces one.
-No autograd: the merge serves the forward-only sequence-parallel backends; attn/merge.py uses the
+log1p merge, also the reference the others are tested against). ``SP_KERNELS_IMPL`` forces one
+for all four ops together (they are one family in sp_kernels/ops/_registry.py). No autograd: the merge serves the forward-only sequence-parallel backends; attn/merge.py uses the
 torch implementation when gradients are needed.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
-from .. import _ext
-from ._dispatch import select_impl, triton_unavailable_reason
+from ._checks import same_device, tensor, typed
+from ._registry import Op, candidates, in_fake_impl, register_native
 
 Tensor = torch.Tensor
 
-OPS = ("lse_merge_", "lse_merge_out", "lse_merge_all", "lse_merge_all_out")
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NEG_INF = float("-inf")
 
@@ -94,14 +94,8 @@ def lse_merge_all_torch(
 
 
 # ---------------------------------------------------------------------------------------------
-# validation (before any launch; messages name the argument)
+# argument checks (messages as csrc/include/sp_kernels/merge.h's, in Python's spelling)
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_tensor(op: str, name: str, t: object) -> Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
 
 
 def _check_out(op: str, name: str, t: Tensor, shape: tuple[int, ...] | None, like: str, fp32: bool) -> None:
@@ -127,20 +121,6 @@ def _check_lse(op: str, name: str, t: Tensor, shape: tuple[int, ...], like: str)
         raise ValueError(f"{op}: {name} must have shape [B, H, S] = {[B, H, S]} to match {like}, got {list(t.shape)}")
 
 
-def _check_device(op: str, name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
-def _check_writable(op: str, name: str, t: Tensor) -> None:
-    # Memory checks read storage pointers, which torch.compile cannot trace; while compiling they are
-    # left to the native op's TORCH_CHECKs (merge.h), which run with the real tensors.
-    if torch.compiler.is_compiling():
-        return
-    if torch._debug_has_internal_overlap(t) == 1:
-        raise ValueError(f"{op}: {name} has overlapping elements (an expanded or broadcast view) and cannot be written")
-
-
 def _overlaps(a: Tensor, b: Tensor) -> bool:
     if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
@@ -155,77 +135,73 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _check_no_overlap(op: str, pairs: Sequence[tuple[str, Tensor, str, Tensor]]) -> None:
-    if torch.compiler.is_compiling():  # see _check_writable
+def _check_memory(op: str, pairs: Sequence[tuple[str, Tensor, str, Tensor]], written: dict[str, Tensor]) -> None:
+    # Storage pointers exist neither while torch.compile traces nor in a fake impl; there the checks
+    # are left to the native op's TORCH_CHECKs (merge.h), which run with the real tensors.
+    if torch.compiler.is_compiling() or in_fake_impl():
         return
     for na, a, nb, b in pairs:
         if _overlaps(a, b):
             raise ValueError(f"{op}: {na} and {nb} overlap in memory; the merge reads one while writing the other")
+    for name, t in written.items():
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(
+                f"{op}: {name} has overlapping elements (an expanded or broadcast view) and cannot be written"
+            )
 
 
-def _validate_pair(
-    op: str,
-    acc_out: Tensor,
-    acc_lse: Tensor,
-    block_out: Tensor,
-    block_lse: Tensor,
-    out: Tensor | None,
-    lse: Tensor | None,
-) -> None:
-    for name, t in (("acc_out", acc_out), ("acc_lse", acc_lse), ("block_out", block_out), ("block_lse", block_lse)):
-        _check_tensor(op, name, t)
+def _check_pair(op: str, acc_out: Tensor, acc_lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[int, ...]:
     _check_out(op, "acc_out", acc_out, None, "", fp32=True)
     shape = tuple(acc_out.shape)
     _check_lse(op, "acc_lse", acc_lse, shape, "acc_out")
     _check_out(op, "block_out", block_out, shape, "acc_out", fp32=False)
     _check_lse(op, "block_lse", block_lse, shape, "acc_out")
     for name, t in (("acc_lse", acc_lse), ("block_out", block_out), ("block_lse", block_lse)):
-        _check_device(op, name, t, acc_out, "acc_out")
-    if out is None or lse is None:
-        _check_no_overlap(
-            op,
-            [
-                ("acc_out", acc_out, "block_out", block_out),
-                ("acc_lse", acc_lse, "block_lse", block_lse),
-                ("acc_out", acc_out, "acc_lse", acc_lse),
-            ],
-        )
-        _check_writable(op, "acc_out", acc_out)
-        _check_writable(op, "acc_lse", acc_lse)
-        return
-    _check_tensor(op, "out", out)
-    _check_tensor(op, "lse", lse)
-    _check_out(op, "out", out, shape, "acc_out", fp32=False)
-    _check_lse(op, "lse", lse, shape, "acc_out")
-    _check_device(op, "out", out, acc_out, "acc_out")
-    _check_device(op, "lse", lse, acc_out, "acc_out")
-    _check_no_overlap(
-        op,
-        [
-            ("out", out, "acc_out", acc_out),
-            ("out", out, "block_out", block_out),
-            ("lse", lse, "acc_lse", acc_lse),
-            ("lse", lse, "block_lse", block_lse),
-            ("out", out, "lse", lse),
-        ],
-    )
-    _check_writable(op, "out", out)
-    _check_writable(op, "lse", lse)
+        same_device(op, name, t, acc_out, "acc_out")
+    return shape
 
 
-def _as_parts(op: str, name: str, parts: Sequence[Tensor] | Tensor, dim: int) -> list[Tensor]:
-    if isinstance(parts, torch.Tensor):
-        if parts.dim() != dim:
-            raise ValueError(f"{op}: {name} given as one tensor must be {dim}-D (W first), got {tuple(parts.shape)}")
-        return list(parts.unbind(0))  # views: no copy
-    if not isinstance(parts, (list, tuple)):
-        raise TypeError(f"{op}: {name} must be a list of tensors or one stacked tensor, got {type(parts).__name__}")
-    return [_check_tensor(op, f"{name}[{i}]", t) for i, t in enumerate(parts)]
+def _check_dest(op: str, out: Tensor, lse: Tensor, shape: tuple[int, ...], ref: Tensor, ref_name: str) -> None:
+    _check_out(op, "out", out, shape, ref_name, fp32=False)
+    _check_lse(op, "lse", lse, shape, ref_name)
+    same_device(op, "out", out, ref, ref_name)
+    same_device(op, "lse", lse, ref, ref_name)
 
 
-def _validate_ways(op: str, outs: list[Tensor], lses: list[Tensor]) -> tuple[int, ...]:
+def _check_merge_(acc_out: Tensor, acc_lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    op = "lse_merge_"
+    _check_pair(op, acc_out, acc_lse, block_out, block_lse)
+    pairs = [
+        ("acc_out", acc_out, "block_out", block_out),
+        ("acc_lse", acc_lse, "block_lse", block_lse),
+        ("acc_out", acc_out, "acc_lse", acc_lse),
+    ]
+    _check_memory(op, pairs, {"acc_out": acc_out, "acc_lse": acc_lse})
+
+
+def _check_merge_out(
+    acc_out: Tensor, acc_lse: Tensor, block_out: Tensor, block_lse: Tensor, out: Tensor, lse: Tensor
+) -> None:
+    op = "lse_merge_out"
+    shape = _check_pair(op, acc_out, acc_lse, block_out, block_lse)
+    _check_dest(op, out, lse, shape, acc_out, "acc_out")
+    pairs = [
+        ("out", out, "acc_out", acc_out),
+        ("out", out, "block_out", block_out),
+        ("lse", lse, "acc_lse", acc_lse),
+        ("lse", lse, "block_lse", block_lse),
+        ("out", out, "lse", lse),
+    ]
+    _check_memory(op, pairs, {"out": out, "lse": lse})
+
+
+def _check_nonempty(op: str, outs: Sequence[Tensor]) -> None:
     if not outs:
         raise ValueError(f"{op}: outs must hold at least one partial output, got an empty list")
+
+
+def _check_ways(op: str, outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[int, ...]:
+    _check_nonempty(op, outs)
     if len(outs) != len(lses):
         raise ValueError(f"{op}: outs and lses must have the same length, got {len(outs)} and {len(lses)}")
     _check_out(op, "outs[0]", outs[0], None, "", fp32=False)
@@ -238,47 +214,40 @@ def _validate_ways(op: str, outs: list[Tensor], lses: list[Tensor]) -> tuple[int
                 "(all partial outputs must share one dtype)"
             )
         _check_lse(op, f"lses[{i}]", lse, shape, "outs[0]")
-        _check_device(op, f"outs[{i}]", o, outs[0], "outs[0]")
-        _check_device(op, f"lses[{i}]", lse, outs[0], "outs[0]")
+        same_device(op, f"outs[{i}]", o, outs[0], "outs[0]")
+        same_device(op, f"lses[{i}]", lse, outs[0], "outs[0]")
     return shape
 
 
-def _validate_ways_dest(
-    op: str, outs: list[Tensor], lses: list[Tensor], shape: tuple[int, ...], out: Tensor, lse: Tensor
-):
-    _check_tensor(op, "out", out)
-    _check_tensor(op, "lse", lse)
-    _check_out(op, "out", out, shape, "outs[0]", fp32=False)
-    _check_lse(op, "lse", lse, shape, "outs[0]")
-    _check_device(op, "out", out, outs[0], "outs[0]")
-    _check_device(op, "lse", lse, outs[0], "outs[0]")
+def _check_merge_all(outs: Sequence[Tensor], lses: Sequence[Tensor], out_dtype: torch.dtype) -> None:
+    op = "lse_merge_all"
+    _check_ways(op, outs, lses)
+    if out_dtype not in VALUE_DTYPES:
+        raise ValueError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+
+
+def _check_merge_all_out(outs: Sequence[Tensor], lses: Sequence[Tensor], out: Tensor, lse: Tensor) -> None:
+    op = "lse_merge_all_out"
+    shape = _check_ways(op, outs, lses)
+    _check_dest(op, out, lse, shape, outs[0], "outs[0]")
     pairs = [("out", out, f"outs[{i}]", o) for i, o in enumerate(outs)]
     pairs += [("lse", lse, f"lses[{i}]", x) for i, x in enumerate(lses)]
-    _check_no_overlap(op, pairs + [("out", out, "lse", lse)])
-    _check_writable(op, "out", out)
-    _check_writable(op, "lse", lse)
+    _check_memory(op, pairs + [("out", out, "lse", lse)], {"out": out, "lse": lse})
+
+
+def _as_parts(op: str, name: str, parts: Sequence[Tensor] | Tensor, dim: int) -> list[Tensor]:
+    if isinstance(parts, torch.Tensor):
+        if parts.dim() != dim:
+            raise ValueError(f"{op}: {name} given as one tensor must be {dim}-D (W first), got {tuple(parts.shape)}")
+        return list(parts.unbind(0))  # views: no copy
+    if not isinstance(parts, (list, tuple)):
+        raise TypeError(f"{op}: {name} must be a list of tensors or one stacked tensor, got {type(parts).__name__}")
+    return [tensor(op, f"{name}[{i}]", t) for i, t in enumerate(parts)]
 
 
 # ---------------------------------------------------------------------------------------------
-# dispatch
+# Triton glue, the W-way merge into fresh tensors, fake impls
 # ---------------------------------------------------------------------------------------------
-
-
-def _candidates(device_type: str) -> dict[str, str | None]:
-    if all(_ext.has_native_kernel(name, device_type) for name in OPS):
-        native = None
-    elif not _ext.load():
-        native = f"the native extension sp_kernels._C is not available ({_ext.native_error()})"
-    else:
-        native = f"the native extension has no lse_merge kernels for device type {device_type!r}"
-    # Triton before torch on CPU only when the interpreter is on (tests); on CUDA the native kernel leads.
-    return {"native": native, "triton": triton_unavailable_reason(device_type), "torch": None}
-
-
-@torch.compiler.assume_constant_result
-def _impl_for(device_type: str) -> str:
-    # Constant for torch.compile: the dispatcher queries behind it cannot be traced.
-    return select_impl("lse_merge", device_type, _candidates(device_type))
 
 
 def _triton():
@@ -287,21 +256,98 @@ def _triton():
     return triton_merge
 
 
+def _merge_pair_triton_(acc_out: Tensor, acc_lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    _triton().merge_pair(acc_out, acc_lse, block_out, block_lse, acc_out, acc_lse)
+
+
+def _merge_pair_triton_out(acc_out, acc_lse, block_out, block_lse, out, lse) -> None:
+    _triton().merge_pair(acc_out, acc_lse, block_out, block_lse, out, lse)
+
+
+def _merge_ways_triton(outs: Sequence[Tensor], lses: Sequence[Tensor], out: Tensor, lse: Tensor) -> None:
+    _triton().merge_ways(outs, lses, out, lse)
+
+
+def _merge_ways_torch(outs: Sequence[Tensor], lses: Sequence[Tensor], out: Tensor, lse: Tensor) -> None:
+    merged, merged_lse_ = lse_merge_all_torch(outs, lses, out.dtype)
+    out.copy_(merged)
+    lse.copy_(merged_lse_)
+
+
+def _new_dest(outs: Sequence[Tensor], lses: Sequence[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    B, S, H, D = outs[0].shape
+    return outs[0].new_empty((B, S, H, D), dtype=out_dtype), lses[0].new_empty((B, H, S))
+
+
+def _into_new(merge_into):
+    """``lse_merge_all`` from an ``lse_merge_all_out`` implementation: the same pass into fresh tensors."""
+
+    def merge(outs: Sequence[Tensor], lses: Sequence[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        out, lse = _new_dest(outs, lses, out_dtype)
+        merge_into(outs, lses, out, lse)
+        return out, lse
+
+    return merge
+
+
+def _no_result(*args) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops and their public faces
+# ---------------------------------------------------------------------------------------------
+
+_FAMILY = "lse_merge"
+LSE_MERGE_ = Op(
+    "lse_merge_",
+    family=_FAMILY,
+    types=typed("lse_merge_", acc_out=tensor, acc_lse=tensor, block_out=tensor, block_lse=tensor),
+    check=_check_merge_,
+    reference=lse_merge_torch_,
+    triton=_merge_pair_triton_,
+    fake=_no_result,
+)
+LSE_MERGE_OUT = Op(
+    "lse_merge_out",
+    family=_FAMILY,
+    types=typed(
+        "lse_merge_out", acc_out=tensor, acc_lse=tensor, block_out=tensor, block_lse=tensor, out=tensor, lse=tensor
+    ),
+    check=_check_merge_out,
+    reference=lse_merge_out_torch,
+    triton=_merge_pair_triton_out,
+    fake=_no_result,
+)
+LSE_MERGE_ALL = Op(
+    "lse_merge_all",
+    family=_FAMILY,
+    check=_check_merge_all,
+    reference=_into_new(_merge_ways_torch),
+    triton=_into_new(_merge_ways_triton),
+    fake=_new_dest,
+)
+LSE_MERGE_ALL_OUT = Op(
+    "lse_merge_all_out",
+    family=_FAMILY,
+    check=_check_merge_all_out,
+    reference=_merge_ways_torch,
+    triton=_merge_ways_triton,
+    fake=_no_result,
+)
+OPS = ("lse_merge_", "lse_merge_out", "lse_merge_all", "lse_merge_all_out")
+
+# Benchmarks ask this of the family by device (benchmarks/bench_merge.py).
+_candidates = functools.partial(candidates, _FAMILY)
+
+
 def lse_merge_(acc_out: Tensor, acc_lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
     """``(acc_out, acc_lse) <- merge((acc_out, acc_lse), (block_out, block_lse))`` in place.
 
     ``acc_out`` fp32 ``[B, S, H, D]``, ``acc_lse`` fp32 ``[B, H, S]``; ``block_out`` fp32/fp16/bf16
     ``[B, S, H, D]``, ``block_lse`` fp32 ``[B, H, S]``. Any strides over B, S, H; head_dim stride 1.
     """
-    op = "lse_merge_"
-    _validate_pair(op, acc_out, acc_lse, block_out, block_lse, None, None)
-    impl = _impl_for(acc_out.device.type)
-    if impl == "native":
-        torch.ops.sp_kernels.lse_merge_.default(acc_out, acc_lse, block_out, block_lse)
-    elif impl == "triton":
-        _triton().merge_pair(acc_out, acc_lse, block_out, block_lse, acc_out, acc_lse)
-    else:
-        lse_merge_torch_(acc_out, acc_lse, block_out, block_lse)
+    LSE_MERGE_(acc_out, acc_lse, block_out, block_lse)
 
 
 def lse_merge_out(
@@ -312,15 +358,7 @@ def lse_merge_out(
     ``out`` fp32/fp16/bf16 (the final output dtype: one pass instead of merge + convert), ``lse`` fp32.
     Destinations must not overlap the inputs.
     """
-    op = "lse_merge_out"
-    _validate_pair(op, acc_out, acc_lse, block_out, block_lse, out, lse)
-    impl = _impl_for(acc_out.device.type)
-    if impl == "native":
-        torch.ops.sp_kernels.lse_merge_out.default(acc_out, acc_lse, block_out, block_lse, out, lse)
-    elif impl == "triton":
-        _triton().merge_pair(acc_out, acc_lse, block_out, block_lse, out, lse)
-    else:
-        lse_merge_out_torch(acc_out, acc_lse, block_out, block_lse, out, lse)
+    LSE_MERGE_OUT(acc_out, acc_lse, block_out, block_lse, out, lse)
 
 
 def lse_merge_all(
@@ -340,64 +378,15 @@ def lse_merge_all(
     op = "lse_merge_all"
     out_list = _as_parts(op, "outs", outs, 5)
     lse_list = _as_parts(op, "lses", lses, 4)
-    shape = _validate_ways(op, out_list, lse_list)
+    _check_nonempty(op, out_list)  # the implementation is chosen by outs[0]'s device
     if (out is None) != (lse is None):
         raise ValueError(f"{op}: give both out and lse, or neither")
     if out is None:
-        if out_dtype not in VALUE_DTYPES:
-            raise ValueError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    else:
-        _validate_ways_dest(op, out_list, lse_list, shape, out, lse)
-    impl = _impl_for(out_list[0].device.type)
-    if impl == "native":
-        if out is None:
-            return torch.ops.sp_kernels.lse_merge_all.default(out_list, lse_list, out_dtype)
-        torch.ops.sp_kernels.lse_merge_all_out.default(out_list, lse_list, out, lse)
-        return out, lse
-    if out is None:
-        B, S, H, D = shape
-        out = out_list[0].new_empty((B, S, H, D), dtype=out_dtype)
-        lse = lse_list[0].new_empty((B, H, S))
-    if impl == "triton":
-        _triton().merge_ways(out_list, lse_list, out, lse)
-    else:
-        merged, merged_lse_ = lse_merge_all_torch(out_list, lse_list, out.dtype)
-        out.copy_(merged)
-        lse.copy_(merged_lse_)
+        return LSE_MERGE_ALL(out_list, lse_list, out_dtype)
+    tensor(op, "out", out)
+    tensor(op, "lse", lse)
+    LSE_MERGE_ALL_OUT(out_list, lse_list, out, lse)
     return out, lse
 
 
-# ---------------------------------------------------------------------------------------------
-# fake impls (torch.compile / meta)
-# ---------------------------------------------------------------------------------------------
-
-
-def _fake_pair_(acc_out, acc_lse, block_out, block_lse) -> None:
-    return None
-
-
-def _fake_pair_out(acc_out, acc_lse, block_out, block_lse, out, lse) -> None:
-    return None
-
-
-def _fake_all(outs, lses, out_dtype):
-    torch._check(len(outs) > 0, lambda: "lse_merge_all: outs must hold at least one partial output")
-    B, S, H, D = outs[0].shape
-    return outs[0].new_empty((B, S, H, D), dtype=out_dtype), lses[0].new_empty((B, H, S))
-
-
-def _fake_all_out(outs, lses, out, lse) -> None:
-    return None
-
-
-def _register_native_ops() -> bool:
-    if not (_ext.load() and all(hasattr(torch.ops.sp_kernels, name) for name in OPS)):
-        return False
-    torch.library.register_fake("sp_kernels::lse_merge_", _fake_pair_)
-    torch.library.register_fake("sp_kernels::lse_merge_out", _fake_pair_out)
-    torch.library.register_fake("sp_kernels::lse_merge_all", _fake_all)
-    torch.library.register_fake("sp_kernels::lse_merge_all_out", _fake_all_out)
-    return True
-
-
-NATIVE_OP_REGISTERED = _register_native_ops()
+NATIVE_OPS_REGISTERED = register_native(LSE_MERGE_, LSE_MERGE_OUT, LSE_MERGE_ALL, LSE_MERGE_ALL_OUT)

@@ -24,41 +24,39 @@ float64, float16, bfloat16 (a pure copy: bits are moved, never converted).
 
 Implementations: ``native`` (C++ CPU / CUDA kernels in csrc/, schema in csrc/ops.cpp), ``triton``
 (sp_kernels/triton/pack.py; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``torch``
-(the reference below, a few strided copies). The native ops have fake impls for torch.compile but
-no autograd formula: the sequence-parallel backends are forward-only, and a call that needs
-gradients takes the (differentiable) torch implementation.
+(the reference below, a few strided copies). Each op is declared once in
+this module (sp_kernels/ops/_registry.py). The native ops have fake impls for torch.compile but no
+autograd formula: the sequence-parallel backends are forward-only, and a call that needs gradients
+takes the (differentiable) torch implementation.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 
-from .. import _ext
-from ._dispatch import select_impl, triton_unavailable_reason
+from ._checks import Converter, at_least, flag, int_list, integer, optional_tensor, same_device, tensor, typed
+from ._registry import Op, candidates, impl_for, register_native
 
 Tensor = torch.Tensor
 
-OPS = ("pack_qkv", "unpack_qkv", "pack_out", "unpack_out")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_KV_INDEX = 256  # kMaxKvIndex in pack_index.h: the table travels as a CUDA kernel parameter
 
 
-# ---- validation (before any launch; messages name the argument) -------------------------------
+# ---- argument checks (messages as csrc/cpu/pack_prepare.cpp's, in Python's spelling) -----------
 
 
-def _check_tensor(op: str, name: str, t: object) -> Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+def _check_dtype(op: str, name: str, t: Tensor) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
         raise ValueError(f"{op}: unsupported dtype {t.dtype} for {name} of shape {tuple(t.shape)} (supported: {names})")
-    return t
 
 
-def _check_bshd(op: str, name: str, t: object) -> Tensor:
-    t = _check_tensor(op, name, t)
+def _check_bshd(op: str, name: str, t: Tensor) -> None:
+    _check_dtype(op, name, t)
     if t.dim() != 4:
         raise ValueError(f"{op}: {name} must be [batch, seq, heads, head_dim] (4 dims), got shape {tuple(t.shape)}")
     D = t.shape[3]
@@ -67,36 +65,26 @@ def _check_bshd(op: str, name: str, t: object) -> Tensor:
             f"{op}: {name} must have contiguous [heads, head_dim] rows (strides (*, *, {D}, 1)), got strides "
             f"{t.stride()} for shape {tuple(t.shape)}; call .contiguous() first"
         )
-    return t
 
 
-def _check_recv(op: str, t: object) -> Tensor:
-    t = _check_tensor(op, "recv", t)
+def _check_recv(op: str, t: Tensor) -> None:
+    _check_dtype(op, "recv", t)
     if t.dim() != 5:
         raise ValueError(f"{op}: recv must have 5 dims [P, B, rows, heads, head_dim], got shape {tuple(t.shape)}")
     if not t.is_contiguous():
         raise ValueError(f"{op}: recv must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
-    return t
 
 
 def _check_like(op: str, name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+    same_device(op, name, t, ref, ref_name)
     if t.dtype != ref.dtype:
         raise ValueError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
 
 
-def _check_int(op: str, name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, (int, torch.SymInt)) or isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _validate_pack_qkv(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index) -> list[int]:
+def _pack_qkv_check(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index: list[int]) -> None:
     op = "pack_qkv"
-    q, k, v = _check_bshd(op, "q", q), _check_bshd(op, "k", k), _check_bshd(op, "v", v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_bshd(op, name, t)
     _check_like(op, "k", k, q, "q")
     _check_like(op, "v", v, q, "q")
     if k.shape != v.shape:
@@ -105,35 +93,37 @@ def _validate_pack_qkv(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_inde
         raise ValueError(f"{op}: k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch, seq and head_dim")
     if q.shape[2] < 1:
         raise ValueError(f"{op}: q must have at least one head, got shape {tuple(q.shape)}")
-    P = _check_int(op, "world_size", world_size, 1)
-    index = [int(i) for i in kv_index]
-    if len(index) < P or len(index) % P:
-        raise ValueError(f"{op}: kv_index must hold world_size * nkv >= {P} entries (a multiple of {P}), got {len(index)}")
-    if len(index) > MAX_KV_INDEX:
-        raise ValueError(f"{op}: kv_index holds {len(index)} entries, more than the supported {MAX_KV_INDEX}")
-    bad = [i for i in index if not 0 <= i < k.shape[2]]
+    P = world_size
+    at_least(op, "world_size", P, 1)
+    n = len(kv_index)
+    if n < P or n % P:
+        raise ValueError(f"{op}: kv_index must hold world_size * nkv >= {P} entries (a multiple of {P}), got {n}")
+    if n > MAX_KV_INDEX:
+        raise ValueError(f"{op}: kv_index holds {n} entries, more than the supported {MAX_KV_INDEX}")
+    bad = [i for i in kv_index if not 0 <= i < k.shape[2]]
     if bad:
         raise ValueError(f"{op}: kv_index entries {bad} are out of range for {k.shape[2]} key/value heads")
-    return index
 
 
-def _validate_unpack_qkv(recv: Tensor, seq_len: int, joint_q, joint_k, joint_v) -> None:
+def _unpack_qkv_check(recv, seq_len, joint_q, joint_k, joint_v, joint_front) -> None:
     op = "unpack_qkv"
-    recv = _check_recv(op, recv)
+    _check_recv(op, recv)
     P, B, S_loc, W, D = recv.shape
-    _check_int(op, "seq_len", seq_len, 0)
+    at_least(op, "seq_len", seq_len, 0)
     if seq_len > P * S_loc:
         raise ValueError(
             f"{op}: seq_len ({seq_len}) exceeds the padded length P * S_loc = {P} * {S_loc} = {P * S_loc} of recv"
         )
-    given = [j is not None for j in (joint_q, joint_k, joint_v)]
-    if any(given) and not all(given):
-        raise ValueError(f"{op}: joint_q, joint_k and joint_v must be given together")
-    if not any(given):
+    if joint_q is None and joint_k is None and joint_v is None:
         return
-    jq, jk, jv = (_check_bshd(op, n, t) for n, t in (("joint_q", joint_q), ("joint_k", joint_k), ("joint_v", joint_v)))
-    for name, t in (("joint_q", jq), ("joint_k", jk), ("joint_v", jv)):
+    if joint_q is None or joint_k is None or joint_v is None:
+        raise ValueError(f"{op}: joint_q, joint_k and joint_v must be given together")
+    joints = {"joint_q": joint_q, "joint_k": joint_k, "joint_v": joint_v}
+    for name, t in joints.items():
+        _check_bshd(op, name, t)
+    for name, t in joints.items():
         _check_like(op, name, t, recv, "recv")
+    jq, jk, jv = joint_q, joint_k, joint_v
     if jk.shape != jv.shape:
         raise ValueError(f"{op}: joint_k {tuple(jk.shape)} and joint_v {tuple(jv.shape)} must have the same shape")
     if jq.shape[0] != B or jk.shape[0] != B or jq.shape[1] != jk.shape[1] or jq.shape[3] != D or jk.shape[3] != D:
@@ -142,23 +132,23 @@ def _validate_unpack_qkv(recv: Tensor, seq_len: int, joint_q, joint_k, joint_v) 
             "with the same J"
         )
     if jq.shape[2] + 2 * jk.shape[2] != W:
-        raise ValueError(
-            f"{op}: joint heads (q {jq.shape[2]} + 2 * kv {jk.shape[2]}) must equal recv's head slots {W}"
-        )
+        raise ValueError(f"{op}: joint heads (q {jq.shape[2]} + 2 * kv {jk.shape[2]}) must equal recv's head slots {W}")
 
 
-def _validate_pack_out(out_seq: Tensor, out_joint, world_size: int, local_len: int) -> None:
+def _pack_out_check(out_seq, out_joint, world_size, local_len, joint_front) -> None:
     op = "pack_out"
-    out_seq = _check_bshd(op, "out_seq", out_seq)
-    P = _check_int(op, "world_size", world_size, 1)
-    L = _check_int(op, "local_len", local_len, 0)
+    _check_bshd(op, "out_seq", out_seq)
+    P, L = world_size, local_len
+    at_least(op, "world_size", P, 1)
+    at_least(op, "local_len", L, 0)
     if out_seq.shape[1] > P * L:
         raise ValueError(
             f"{op}: out_seq has {out_seq.shape[1]} rows, more than the padded length world_size * local_len = "
             f"{P} * {L} = {P * L}"
         )
     if out_joint is not None:
-        j = _check_bshd(op, "out_joint", out_joint)
+        j = out_joint
+        _check_bshd(op, "out_joint", j)
         _check_like(op, "out_joint", j, out_seq, "out_seq")
         if (j.shape[0], j.shape[2], j.shape[3]) != (out_seq.shape[0], out_seq.shape[2], out_seq.shape[3]):
             raise ValueError(
@@ -166,11 +156,11 @@ def _validate_pack_out(out_seq: Tensor, out_joint, world_size: int, local_len: i
             )
 
 
-def _validate_unpack_out(recv: Tensor, heads: int) -> None:
+def _unpack_out_check(recv: Tensor, heads: int) -> None:
     op = "unpack_out"
-    recv = _check_recv(op, recv)
+    _check_recv(op, recv)
     P, hq = recv.shape[0], recv.shape[3]
-    _check_int(op, "heads", heads, 1)
+    at_least(op, "heads", heads, 1)
     if -(-heads // P) != hq:
         raise ValueError(f"{op}: heads must satisfy ceil(heads / P) == hq (P = {P}, hq = {hq}), got heads = {heads}")
 
@@ -198,7 +188,12 @@ def pack_qkv_torch(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index: l
 
 
 def unpack_qkv_torch(
-    recv: Tensor, seq_len: int, joint_q: Tensor | None, joint_k: Tensor | None, joint_v: Tensor | None, joint_front: bool
+    recv: Tensor,
+    seq_len: int,
+    joint_q: Tensor | None,
+    joint_k: Tensor | None,
+    joint_v: Tensor | None,
+    joint_front: bool,
 ) -> Tensor:
     P, B, S_loc, W, D = recv.shape
     J = 0 if joint_q is None else joint_q.shape[1]
@@ -247,31 +242,7 @@ def unpack_out_torch(recv: Tensor, heads: int) -> Tensor:
     return out
 
 
-# ---- dispatch ----------------------------------------------------------------------------------
-
-
-def _candidates(op: str, device_type: str) -> dict[str, str | None]:
-    if _ext.has_native_kernel(op, device_type):
-        native = None
-    elif not _ext.load():
-        native = f"the native extension sp_kernels._C is not available ({_ext.native_error()})"
-    else:
-        native = f"the native extension has no {op} kernel for device type {device_type!r}"
-    return {"native": native, "triton": triton_unavailable_reason(device_type), "torch": None}
-
-
-@torch.compiler.assume_constant_result
-def _impl_for(op: str, device_type: str) -> str:
-    # A constant for torch.compile (see shard_pad._impl_for).
-    return select_impl(op, device_type, _candidates(op, device_type))
-
-
-def _choose(op: str, device: torch.device, tensors: tuple[Tensor | None, ...]) -> str:
-    # The native and triton kernels have no backward; the SP backends are forward-only, but a caller
-    # that differentiates through these copies still gets correct gradients from the torch path.
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return "torch"
-    return _impl_for(op, device.type)
+# ---- Triton glue and fake impls -----------------------------------------------------------------
 
 
 def _triton():
@@ -286,22 +257,80 @@ def _kv_index_tensor(index: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.tensor(index, dtype=torch.int32, device=device)
 
 
-# ---- public faces -----------------------------------------------------------------------------
+def _pack_qkv_triton(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index: list[int]) -> Tensor:
+    return _triton().pack_qkv(q, k, v, world_size, _kv_index_tensor(tuple(kv_index), q.device))
 
 
-def pack_qkv(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index) -> Tensor:
+def _pack_qkv_fake(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index: list[int]) -> Tensor:
+    B, S, Hq, D = q.shape
+    hq = (Hq + world_size - 1) // world_size
+    return q.new_empty((world_size, B, S, hq + 2 * (len(kv_index) // world_size), D))
+
+
+def _unpack_qkv_fake(recv, seq_len, joint_q, joint_k, joint_v, joint_front) -> Tensor:
+    P, B, S_loc, W, D = recv.shape
+    J = 0 if joint_q is None else joint_q.shape[1]
+    return recv.new_empty((B, seq_len + J, W, D))
+
+
+def _pack_out_fake(out_seq, out_joint, world_size, local_len, joint_front) -> Tensor:
+    B, S, hq, D = out_seq.shape
+    J = 0 if out_joint is None else out_joint.shape[1]
+    return out_seq.new_empty((world_size, B, J + local_len, hq, D))
+
+
+def _unpack_out_fake(recv, heads) -> Tensor:
+    P, B, R, hq, D = recv.shape
+    return recv.new_empty((B, R, heads, D))
+
+
+# ---- the ops and their public faces -----------------------------------------------------------
+
+
+def _declare(name: str, reference, check, fake, triton=None, **arg_types: Converter) -> Op:
+    # Every pack op takes the differentiable torch path when gradients are needed, and by default
+    # the Triton launcher of its own name.
+    if triton is None:
+        triton = lambda *args: getattr(_triton(), name)(*args)  # noqa: E731 -- triton imported on first use
+    return Op(
+        name,
+        types=typed(name, **arg_types),
+        check=check,
+        reference=reference,
+        triton=triton,
+        fake=fake,
+        grad_takes_torch=True,
+    )
+
+
+PACK_QKV = _declare(
+    "pack_qkv", pack_qkv_torch, _pack_qkv_check, _pack_qkv_fake, _pack_qkv_triton,
+    q=tensor, k=tensor, v=tensor, world_size=integer, kv_index=int_list,
+)  # fmt: skip
+UNPACK_QKV = _declare(
+    "unpack_qkv", unpack_qkv_torch, _unpack_qkv_check, _unpack_qkv_fake,
+    recv=tensor, seq_len=integer, joint_q=optional_tensor, joint_k=optional_tensor, joint_v=optional_tensor,
+    joint_front=flag,
+)  # fmt: skip
+PACK_OUT = _declare(
+    "pack_out", pack_out_torch, _pack_out_check, _pack_out_fake,
+    out_seq=tensor, out_joint=optional_tensor, world_size=integer, local_len=integer, joint_front=flag,
+)  # fmt: skip
+UNPACK_OUT = _declare("unpack_out", unpack_out_torch, _unpack_out_check, _unpack_out_fake, recv=tensor, heads=integer)
+OPS = ("pack_qkv", "unpack_qkv", "pack_out", "unpack_out")
+
+# Benchmarks ask these of one op by name (benchmarks/bench_pack.py).
+_candidates = candidates
+_impl_for = impl_for
+
+
+def pack_qkv(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index: Iterable[int]) -> Tensor:
     """q ``[B, S_loc, Hq, D]``, k/v ``[B, S_loc, Hkv, D]`` -> send ``[P, B, S_loc, hq + 2*nkv, D]``.
 
     ``kv_index``: the ``P * nkv`` global KV heads in chunk order (``HeadPlan.kv_index``, or
     ``range(Hkv)`` when each rank takes ``Hkv / P`` consecutive heads).
     """
-    index = _validate_pack_qkv(q, k, v, world_size, kv_index)
-    impl = _choose("pack_qkv", q.device, (q, k, v))
-    if impl == "native":
-        return torch.ops.sp_kernels.pack_qkv.default(q, k, v, world_size, index)
-    if impl == "triton":
-        return _triton().pack_qkv(q, k, v, world_size, _kv_index_tensor(tuple(index), q.device))
-    return pack_qkv_torch(q, k, v, world_size, index)
+    return PACK_QKV(q, k, v, world_size, kv_index)
 
 
 def unpack_qkv(
@@ -314,13 +343,7 @@ def unpack_qkv(
 ) -> Tensor:
     """Received ``[P, B, S_loc, W, D]`` -> ``[B, seq_len (+ J), W, D]``, padding rows dropped,
     joint rows (if given) before ("front") or after the sequence rows."""
-    _validate_unpack_qkv(recv, seq_len, joint_q, joint_k, joint_v)
-    impl = _choose("unpack_qkv", recv.device, (recv, joint_q, joint_k, joint_v))
-    if impl == "native":
-        return torch.ops.sp_kernels.unpack_qkv.default(recv, seq_len, joint_q, joint_k, joint_v, bool(joint_front))
-    if impl == "triton":
-        return _triton().unpack_qkv(recv, seq_len, joint_q, joint_k, joint_v, bool(joint_front))
-    return unpack_qkv_torch(recv, seq_len, joint_q, joint_k, joint_v, bool(joint_front))
+    return UNPACK_QKV(recv, seq_len, joint_q, joint_k, joint_v, joint_front)
 
 
 def pack_out(
@@ -328,67 +351,12 @@ def pack_out(
 ) -> Tensor:
     """Attention output ``[B, S, hq, D]`` (+ joint ``[B, J, hq, D]``) -> send ``[P, B, J + local_len, hq, D]``,
     zero rows where a rank holds padding."""
-    _validate_pack_out(out_seq, out_joint, world_size, local_len)
-    impl = _choose("pack_out", out_seq.device, (out_seq, out_joint))
-    if impl == "native":
-        return torch.ops.sp_kernels.pack_out.default(out_seq, out_joint, world_size, local_len, bool(joint_front))
-    if impl == "triton":
-        return _triton().pack_out(out_seq, out_joint, world_size, local_len, bool(joint_front))
-    return pack_out_torch(out_seq, out_joint, world_size, local_len, bool(joint_front))
+    return PACK_OUT(out_seq, out_joint, world_size, local_len, joint_front)
 
 
 def unpack_out(recv: Tensor, heads: int) -> Tensor:
     """Received ``[P, B, rows, hq, D]`` -> ``[B, rows, heads, D]`` (padding heads dropped)."""
-    _validate_unpack_out(recv, heads)
-    impl = _choose("unpack_out", recv.device, (recv,))
-    if impl == "native":
-        return torch.ops.sp_kernels.unpack_out.default(recv, heads)
-    if impl == "triton":
-        return _triton().unpack_out(recv, heads)
-    return unpack_out_torch(recv, heads)
+    return UNPACK_OUT(recv, heads)
 
 
-# ---- torch.library registration of the native ops ----------------------------------------------
-
-
-def _pack_qkv_fake(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index: list[int]) -> Tensor:
-    torch._check(world_size >= 1, lambda: f"pack_qkv: world_size must be >= 1, got {world_size}")
-    torch._check(len(kv_index) % world_size == 0, lambda: "pack_qkv: kv_index must hold world_size * nkv entries")
-    B, S, Hq, D = q.shape
-    hq = (Hq + world_size - 1) // world_size
-    return q.new_empty((world_size, B, S, hq + 2 * (len(kv_index) // world_size), D))
-
-
-def _unpack_qkv_fake(recv, seq_len, joint_q, joint_k, joint_v, joint_front) -> Tensor:
-    P, B, S_loc, W, D = recv.shape
-    torch._check(seq_len <= P * S_loc, lambda: f"unpack_qkv: seq_len ({seq_len}) exceeds P * S_loc")
-    J = 0 if joint_q is None else joint_q.shape[1]
-    return recv.new_empty((B, seq_len + J, W, D))
-
-
-def _pack_out_fake(out_seq, out_joint, world_size, local_len, joint_front) -> Tensor:
-    B, S, hq, D = out_seq.shape
-    torch._check(S <= world_size * local_len, lambda: "pack_out: out_seq has more rows than world_size * local_len")
-    J = 0 if out_joint is None else out_joint.shape[1]
-    return out_seq.new_empty((world_size, B, J + local_len, hq, D))
-
-
-def _unpack_out_fake(recv, heads) -> Tensor:
-    P, B, R, hq, D = recv.shape
-    return recv.new_empty((B, R, heads, D))
-
-
-def _register_native_ops() -> bool:
-    if not (_ext.load() and all(hasattr(torch.ops.sp_kernels, op) for op in OPS)):
-        return False
-    for op, fake in (
-        ("pack_qkv", _pack_qkv_fake),
-        ("unpack_qkv", _unpack_qkv_fake),
-        ("pack_out", _pack_out_fake),
-        ("unpack_out", _unpack_out_fake),
-    ):
-        torch.library.register_fake(f"sp_kernels::{op}", fake)
-    return True
-
-
-NATIVE_OPS_REGISTERED = _register_native_ops()
+NATIVE_OPS_REGISTERED = register_native(PACK_QKV, UNPACK_QKV, PACK_OUT, UNPACK_OUT)
