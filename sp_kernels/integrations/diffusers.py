@@ -64,7 +64,7 @@ import torch.nn as nn
 from ..attn import block_attention, effective_mask, sharded_attention
 from ..attn.call import validate_inputs
 from ..backends import BACKENDS as SP_BACKENDS
-from ..context import current_context, sp_forward_context
+from ..context import ShardLayout, current_context, sp_forward_context
 from ..hooks import Signature, apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
 from ..parallel_state import SequenceParallelConfig, SPState, default_group_timeout, device_of_group
 from .diffusers_plans import CROSS_ATTENTION, LOCAL_ATTENTION, PROMPT_MASKS, plan_source, translate_cp_plan
@@ -223,8 +223,6 @@ def _make_backend(name: str) -> Callable[..., Any]:
             if key.shape[1] != query.shape[1]:
                 # diffusers' _cp_plan may or may not shard the text K/V came from: gather them either way.
                 # Replicated K/V come back as sp_size copies, which attention weighs exactly like one.
-                from ..context import ShardLayout
-
                 even = ShardLayout(true_len=key.shape[1] * state.sp_size, local_len=key.shape[1],
                                    sp_size=state.sp_size, source="diffusers' context-parallel text")
                 ctx.record(even)
