@@ -230,7 +230,7 @@ def write_build_config(cfg: CudaConfig, build_system: str = "setuptools") -> Pat
 
 
 def include_dirs() -> list[str]:
-    return [str(CSRC / "include"), str(GENERATED_DIR)]
+    return [str(CSRC), str(CSRC / "include"), str(GENERATED_DIR)]
 
 
 def extension_modules(cfg: CudaConfig) -> list:

@@ -1,4 +1,4 @@
-"""Ring attention benchmarks: loop overhead, comm/compute overlap, fused vs deferred merge, multi-rank.
+"""Ring attention benchmarks: loop overhead, comm/compute overlap, step vs all merge, multi-rank.
 
 1. ``loop``: on one device, a W-step ring loop on rank-local data with the real kernels
    (``sp_kernels.attn.local.block_attention``: cuDNN/flash on a GPU) and no transfer (a null
@@ -11,7 +11,7 @@
    ``torch.cuda._sleep(cycles)`` issued on the comm stream, cycles calibrated against CUDA events),
    at 450 GB/s (NVLink 4 per direction) and at a "balanced" bandwidth where transfer == compute
    (the hardest case to hide). Reports step time / max(compute, transfer); target <= 1.05.
-3. ``merge``: fused (per step) vs deferred (one W-way merge) from the loop rows, timed side by side;
+3. ``merge``: "step" (per-step merge) vs "all" (one W-way merge) from the loop rows, timed side by side;
    says which is faster and whether ``DEFAULT_MERGE[device]`` (sp_kernels/attn/ring.py) agrees.
 4. ``ranks``: ring vs fused_ring per call on W ranks: gloo on CPU; NCCL on CUDA only when there are
    W GPUs. On a GPU machine with fewer GPUs it is skipped: it used to fall back to gloo ranks, which
@@ -55,7 +55,7 @@ Tensor = torch.Tensor
 NVLINK_BPS = 450e9
 LOOP_TARGET = 0.95  # ours / one attention call, at least
 OVERLAP_TARGET = 1.05  # step / max(compute, transfer), at most
-MERGE_TIE = 0.005  # fused and deferred within 0.5% of each other: no reason to change the default
+MERGE_TIE = 0.005  # "step" and "all" within 0.5% of each other: no reason to change the default
 MIN_CAP_S = 0.5  # a measurement given less than this by the budget is skipped, not started
 
 # ---------------------------------------------------------------------------------------------
@@ -266,23 +266,23 @@ def _num(row: dict, key: str) -> float | None:
 
 
 def merge_verdict(rows: Sequence[dict], current_default: str) -> dict:
-    """Which merge mode was faster in the loop rows, by the geometric mean of deferred/fused time.
+    """Which merge mode was faster in the loop rows, by the geometric mean of all/step time.
 
-    Returns winner ("fused", "deferred", "tie" within MERGE_TIE, or "not measured"), the winner's
+    Returns winner ("step", "all", "tie" within MERGE_TIE, or "not measured"), the winner's
     speed-up, the per-case ratios and the action for ``DEFAULT_MERGE`` of this device.
     """
-    fused = {(r.get("s"), r["W"]): _num(r, "ms") for r in rows
-             if r.get("bench") == "loop" and r.get("method") == "ours (fused merge)"}  # fmt: skip
-    deferred = {(r.get("s"), r["W"]): _num(r, "ms") for r in rows
-                if r.get("bench") == "loop" and r.get("method") == "ours (deferred merge)"}  # fmt: skip
-    cases = {k: deferred[k] / fused[k] for k in fused if fused[k] and deferred.get(k)}
+    step = {(r.get("s"), r["W"]): _num(r, "ms") for r in rows
+            if r.get("bench") == "loop" and r.get("method") == "ours (merge=step)"}  # fmt: skip
+    all_ = {(r.get("s"), r["W"]): _num(r, "ms") for r in rows
+            if r.get("bench") == "loop" and r.get("method") == "ours (merge=all)"}  # fmt: skip
+    cases = {k: all_[k] / step[k] for k in step if step[k] and all_.get(k)}
     if not cases:
         return {"winner": "not measured", "speedup": float("nan"), "cases": {}, "action": "no merge timings"}
-    geo = math.exp(sum(math.log(x) for x in cases.values()) / len(cases))  # > 1: fused faster
+    geo = math.exp(sum(math.log(x) for x in cases.values()) / len(cases))  # > 1: "step" faster
     if abs(geo - 1) <= MERGE_TIE:
         winner, speedup = "tie", 1.0
     else:
-        winner, speedup = ("fused", geo) if geo > 1 else ("deferred", 1 / geo)
+        winner, speedup = ("step", geo) if geo > 1 else ("all", 1 / geo)
     if winner in ("tie", current_default):
         action = f"keep DEFAULT_MERGE = {current_default!r}"
     else:
@@ -324,7 +324,7 @@ def key_lines(verdicts: Sequence[dict], merge: dict, device_type: str) -> list[s
         goal = vals[0]["goal"] if vals else ""
         lines.append(f"key: {kind} {span} (target {goal}: met {met}/{len(vals)})")
     lines.append(f"key: merge on {device_type}: {merge['winner']}"
-                 + (f" {100 * (merge['speedup'] - 1):.1f}% faster" if merge["winner"] in ("fused", "deferred") else "")
+                 + (f" {100 * (merge['speedup'] - 1):.1f}% faster" if merge["winner"] in ("step", "all") else "")
                  + f"; {merge['action']}")  # fmt: skip
     return lines
 
@@ -506,7 +506,7 @@ def bench_loop(run: Run) -> None:
                     block_attention(q, k, v, softmax_scale=scale) for _ in range(W)
                 ],
             }
-            for merge in ("fused", "deferred"):
+            for merge in ("step", "all"):
                 fns[f"ours ({merge} merge)"] = lambda q=q, k=k, v=v, W=W, m=merge, c=null, cache=cache: ours_loop(
                     q, k, v, W, scale, m, c, cache
                 )
@@ -625,8 +625,8 @@ def _rank_bench(W: int, B: int, s: int, H: int, D: int, dtype: str, warmup: int,
     import torch.distributed as dist
 
     from sp_kernels.attn.call import AttentionCall
-    from sp_kernels.comm import TorchRingComm
-    from sp_kernels.parallel_state import SequenceParallelConfig, init_sequence_parallel
+    from sp_kernels.distributed.comm import TorchRingComm
+    from sp_kernels.distributed.parallel_state import SequenceParallelConfig, init_sequence_parallel
 
     state = init_sequence_parallel(SequenceParallelConfig(ring_degree=W))
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -634,8 +634,8 @@ def _rank_bench(W: int, B: int, s: int, H: int, D: int, dtype: str, warmup: int,
     q, k, v = (torch.randn(B, s, H, D, generator=gen).to(device, getattr(torch, dtype)) for _ in range(3))
     call = AttentionCall(q, k, v, D**-0.5, False, None, "fused_ring", state, None)
     comm = TorchRingComm(state.ring_group)
-    engines = {"ring": ring.REFERENCE_ENGINE, "fused_ring fused": ring.default_engine("fused"),
-               "fused_ring deferred": ring.default_engine("deferred")}  # fmt: skip
+    engines = {"ring": ring.REFERENCE_ENGINE, "fused_ring merge=step": ring.default_engine("step"),
+               "fused_ring merge=all": ring.default_engine("all")}  # fmt: skip
     for engine in engines.values():
         for _ in range(warmup):
             ring.run_ring(call, [s] * W, comm, engine)
@@ -652,7 +652,7 @@ def _rank_bench(W: int, B: int, s: int, H: int, D: int, dtype: str, warmup: int,
 
 
 def bench_ranks(run: Run, backend: str) -> None:
-    from sp_kernels.launch import RankPool
+    from sp_kernels.testing.launch import RankPool
 
     st = run.st
     cap = run.budget.cap()
@@ -767,16 +767,16 @@ def main(argv: list[str] | None = None) -> int:
         print_table(ranks, ["bench", "W", "method", "ms", "vs ring"], "ranks: time per call (slowest rank)")
     else:
         print(f"ranks: {why}")
-    current = ring.DEFAULT_MERGE.get(device.type, "deferred")
+    current = ring.DEFAULT_MERGE.get(device.type, "all")
     merge = merge_verdict(run.rows, current)
     if st.quick:
         merge["action"] += " -- but these are --quick shapes: no basis for a default"
     print()
-    print(f"merge (fused vs deferred, side by side in the loop table, {len(merge['cases'])} cases): "
-          f"{merge['winner']}" + (f", {100 * (merge['speedup'] - 1):.1f}% faster" if merge["winner"] in ("fused", "deferred") else "")
+    print(f"merge (step vs all, side by side in the loop table, {len(merge['cases'])} cases): "
+          f"{merge['winner']}" + (f", {100 * (merge['speedup'] - 1):.1f}% faster" if merge["winner"] in ("step", "all") else "")
           + f"; DEFAULT_MERGE[{device.type!r}] is {current!r}: {merge['action']}")  # fmt: skip
     for (s, W), ratio in sorted(merge["cases"].items(), key=lambda kv: (int(kv[0][0] or 0), int(kv[0][1]))):
-        print(f"  s={s} W={W}: deferred / fused time = {ratio:.3f}")
+        print(f"  s={s} W={W}: all / step time = {ratio:.3f}")
     verdicts = target_verdicts(run.rows)
     print()
     print_table(verdicts, ["target", "value", "goal", "status", "note"], "targets")

@@ -1,5 +1,5 @@
 // Every sp_kernels operator schema, in one place. Backends register implementations elsewhere
-// (csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(sp_kernels, CPU, m), csrc/cuda/*.cu with CUDA), so adding
+// (csrc/<op>/<op>_cpu.cpp with TORCH_LIBRARY_IMPL(sp_kernels, CPU, m), csrc/<op>/<op>_cuda.cu with CUDA), so adding
 // an op means: a schema here, a kernel per backend, and a Python face in sp_kernels/ops/.
 #include <torch/library.h>
 
@@ -12,7 +12,7 @@ TORCH_LIBRARY(sp_kernels, m) {
   // y = x rows [start, start + length) along dim; rows past x's end are pad_value. New contiguous tensor.
   m.def("shard_pad(Tensor x, int dim, int start, int length, float pad_value) -> Tensor");
 
-  // LSE merge of partial attention results (csrc/include/sp_kernels/merge.h has the contract).
+  // LSE merge of partial attention results (csrc/merge/merge.h has the contract).
   // Outputs [B, S, H, D] (stride 1 over D), lse [B, H, S] fp32; accumulators fp32.
   m.set_python_module("sp_kernels.ops.merge");
   m.def("lse_merge_(Tensor(a!) acc_out, Tensor(b!) acc_lse, Tensor block_out, Tensor block_lse) -> ()");
@@ -22,7 +22,7 @@ TORCH_LIBRARY(sp_kernels, m) {
   m.def("lse_merge_all(Tensor[] outs, Tensor[] lses, ScalarType out_dtype) -> (Tensor, Tensor)");
   m.def("lse_merge_all_out(Tensor[] outs, Tensor[] lses, Tensor(a!) out, Tensor(b!) lse) -> ()");
 
-  // Ulysses pack/unpack (layouts in csrc/include/sp_kernels/pack_index.h). Each returns a new
+  // Ulysses pack/unpack (layouts in csrc/pack/pack_index.h). Each returns a new
   // contiguous tensor written in one pass; padding heads/rows are zero, dropped rows never copied.
   m.set_python_module("sp_kernels.ops.pack");
   m.def("pack_qkv(Tensor q, Tensor k, Tensor v, int world_size, int[] kv_index) -> Tensor");

@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 
 from sp_kernels import SequenceParallelConfig
-from sp_kernels.models.diffusers_tiny import FAMILIES, factor_tokens
-from sp_kernels.parallel_state import BACKEND_NAMES
+from sp_kernels.distributed.parallel_state import BACKEND_NAMES
+from sp_kernels.testing.models.diffusers_tiny import FAMILIES, factor_tokens
 
 # dtype -> |SP - single| allowed by --check on the final latents. Low precision: rounding differs
 # between the SP and the single-process runs and grows over the steps; relative to max |single|.
@@ -68,7 +68,7 @@ def token_positions(geo: Geometry) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Family:
-    """One model family: ``tiny`` names its entry in ``sp_kernels.models.diffusers_tiny``."""
+    """One model family: ``tiny`` names its entry in ``sp_kernels.testing.models.diffusers_tiny``."""
 
     tiny: str
     pipeline: str  # diffusers pipeline class, for --pipeline

@@ -14,8 +14,8 @@
 #   tests       the tests that only run on a GPU (their skip reason elsewhere: "needs a GPU ...",
 #               "extension built without CUDA kernels"), selected precisely, all of them reported
 #   first-run   scripts/gpu_first_run.py: block kernels vs fp64, the ops on the GPU, the ring loop
-#               with delays injected on both streams (fused and deferred merge)
-#   bench-ring  benchmarks/bench_ring.py --device cuda: loop vs one call, overlap, fused vs deferred
+#               with delays injected on both streams (step and all merge modes)
+#   bench-ring  benchmarks/bench_ring.py --device cuda: loop vs one call, overlap, step vs all
 #   bench-merge benchmarks/bench_merge.py --device cuda --no-compile
 #   bench-pack  benchmarks/bench_pack.py --device cuda --no-compile
 # Last, a table: step, status, seconds, key numbers (also OUTDIR/summary.txt); CSVs are copied to

@@ -13,7 +13,7 @@ when any check fails):
            pack kernels or any Triton kernel on a GPU; this does.)
   ring     ``sp_kernels.attn.ring.ring_core`` for each of W virtual ranks in one process, with a
            fake RingComm that hands every rank the block its ring predecessor would send (and checks
-           what it is given to send): fused and deferred merge, unequal and empty shards, GQA/MQA,
+           what it is given to send): step and all merge modes, unequal and empty shards, GQA/MQA,
            causal, buffers reused across calls, against the fp64 reference. On CUDA the loop runs
            with the dedicated comm stream and ``torch.cuda._sleep`` delays injected on the compute
            stream (before every block kernel) and on the comm stream (before every transfer): a
@@ -467,7 +467,7 @@ def check_ring(report: Report, device: torch.device, quick: bool) -> None:
         delays = [("no delay", 0, 0)]
         report.note("ring", "torch.cuda._sleep delays skipped: CUDA only (on CPU there are no streams to order)")
     for case in ring_cases(quick):
-        for merge in ("fused", "deferred"):
+        for merge in ("step", "all"):
             for label, c_delay, m_delay in delays:
                 what = f"{merge} {label} {case}"
                 try:

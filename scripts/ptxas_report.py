@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compile every csrc/cuda/*.cu with ``-Xptxas -v`` and fail on register spills or local memory.
+"""Compile every csrc/<op>/<op>_cuda.cu with ``-Xptxas -v`` and fail on register spills or local memory.
 
 No GPU is needed: ptxas runs at compile time. Uses the toolkit search, arch list and nvcc flags of
 setup.py (imported, not run), plus torch's include dirs and common nvcc flags, so what is checked is
@@ -129,7 +129,7 @@ def nvcc_command(setup, cuda_home: str, source: Path, gencode: list[str], out: P
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="*", type=Path, help="CUDA sources (default: csrc/cuda/*.cu)")
+    parser.add_argument("files", nargs="*", type=Path, help="CUDA sources (default: csrc/<op>/<op>_cuda.cu)")
     parser.add_argument("--archs", default=None, help="arch list (default: $SP_KERNELS_CUDA_ARCHS or 8.0;9.0a)")
     args = parser.parse_args()
 
@@ -140,7 +140,7 @@ def main() -> int:
         return 1
     arch_spec = args.archs or os.environ.get("SP_KERNELS_CUDA_ARCHS", setup.DEFAULT_CUDA_ARCHS)
     archs, gencode = setup.cuda_arch_flags(arch_spec)
-    files = args.files or sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    files = args.files or sorted((ROOT / "csrc").glob("*/*_cuda.cu"))
     if not files:
         print("ptxas_report: no CUDA sources found", file=sys.stderr)
         return 1

@@ -7,7 +7,7 @@ kernel: SASS instructions in all, integer divisions by a runtime value (each com
 ``MUFU.RCP`` reciprocal plus a correction sequence), and the copy part: instructions from the first
 global load to the last global store, which the kernel runs per chunk of units.
 
-    python scripts/sass_report.py [--arch 9.0a] [--kernel row_copy_kernel] [csrc/cuda/pack.cu]
+    python scripts/sass_report.py [--arch 9.0a] [--kernel row_copy_kernel] [csrc/pack/pack_cuda.cu]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", nargs="?", type=Path, default=ROOT / "csrc" / "cuda" / "pack.cu")
+    parser.add_argument("source", nargs="?", type=Path, default=ROOT / "csrc" / "pack" / "pack_cuda.cu")
     parser.add_argument("--arch", default="9.0a")
     parser.add_argument("--kernel", default="", help="only kernels whose demangled name contains this")
     args = parser.parse_args()

@@ -73,4 +73,4 @@ else
   printf '%s\n' "$build_key" > "$build_stamp"
 fi
 
-log "build_info: $("$VPY" -c 'import json; from sp_kernels._ext import build_info; print(json.dumps(build_info()))')"
+log "build_info: $("$VPY" -c 'import json; from sp_kernels.ops._ext import build_info; print(json.dumps(build_info()))')"

@@ -6,11 +6,12 @@ configuration, apply/remove of the hooks, and ``attention``.
 
 from __future__ import annotations
 
-from ._ext import build_info
 from .attn import Attention, attention
-from .hooks import apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
-from .parallel_state import SequenceParallelConfig, destroy_sequence_parallel, init_sequence_parallel
-from .sp_plan import (
+from .distributed.parallel_state import SequenceParallelConfig, destroy_sequence_parallel, init_sequence_parallel
+from .ops._ext import build_info
+from .plan.hooks import apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
+from .plan.sharding import sp_gather, sp_shard, sp_shard_with_padding
+from .plan.specs import (
     SequenceParallelInput,
     SequenceParallelJointInput,
     SequenceParallelOutput,
@@ -18,7 +19,6 @@ from .sp_plan import (
     get_sp_plan_from_model,
     validate_sp_plan,
 )
-from .sp_sharding import sp_gather, sp_shard, sp_shard_with_padding
 
 __version__ = "0.1.0"
 

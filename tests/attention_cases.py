@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from sp_kernels.attn import attention
-from sp_kernels.context import ShardLayout, sp_forward_context
-from sp_kernels.parallel_state import SequenceParallelConfig, init_sequence_parallel
+from sp_kernels.distributed.parallel_state import SequenceParallelConfig, init_sequence_parallel
+from sp_kernels.plan.context import ShardLayout, sp_forward_context
 from tests.attention_reference import random_qkv, reference_attention
 
 # bf16 SP error may be this many times the error of single-process bf16 attention (both vs fp64).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sp_kernels.launch import RankPool
+from sp_kernels.testing.launch import RankPool
 
 
 class _Pools:

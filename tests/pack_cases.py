@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sp_kernels.attn.ulysses import plan_heads
+from sp_kernels.attn.ulysses import assign_heads
 
 
 def expected_pack_qkv(q, k, v, P: int, kv_index: list[int]) -> torch.Tensor:
@@ -87,7 +87,7 @@ class QkvCase:
 
     @property
     def kv_index(self) -> list[int]:
-        plan = plan_heads(self.Hq, self.Hkv, self.P)
+        plan = assign_heads(self.Hq, self.Hkv, self.P)
         return list(plan.kv_index) if plan.kv_index is not None else list(range(self.P * plan.kv_local))
 
     def __str__(self) -> str:

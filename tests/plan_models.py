@@ -20,7 +20,7 @@ from sp_kernels import (
     sp_gather,
     sp_shard,
 )
-from sp_kernels.context import current_context
+from sp_kernels.plan.context import current_context
 
 SPI, SPO, SPP = SequenceParallelInput, SequenceParallelOutput, SequenceParallelPartialInput
 

@@ -11,8 +11,8 @@ import torch
 
 import sp_kernels
 from sp_kernels.attn import Attention, attention, register_backend, registered_backends, resolve_backend
-from sp_kernels.context import sp_forward_context
-from sp_kernels.parallel_state import SequenceParallelConfig, SPState
+from sp_kernels.distributed.parallel_state import SequenceParallelConfig, SPState
+from sp_kernels.plan.context import sp_forward_context
 from tests.attention_reference import random_qkv, reference_attention
 
 
@@ -151,9 +151,8 @@ def test_resolve_backend_auto_and_registry():
 
 
 def test_one_backend_table():
-    """Config validation, "auto", the registry and the implementations all come from sp_kernels.backends."""
-    from sp_kernels import backends
-    from sp_kernels.attn import ring
+    """Config validation, "auto", the registry and the implementations all come from sp_kernels.attn.backends."""
+    from sp_kernels.attn import backends, ring
 
     assert backends.BACKEND_NAMES == ("auto", "local", "ulysses", "ring", "usp", "fused_ring")
     assert registered_backends() == ("local", "ulysses", "ring", "usp", "fused_ring")
@@ -184,7 +183,7 @@ def test_one_backend_table():
 
 def test_fused_ring_runs_without_importing_it_first():
     code = (
-        "import sys; from sp_kernels.backends import backend_function; "
+        "import sys; from sp_kernels.attn.backends import backend_function; "
         "assert 'sp_kernels.attn.fused_ring' not in sys.modules; "
         "assert backend_function('fused_ring').__name__ == 'fused_ring_attention'"
     )
@@ -194,7 +193,7 @@ def test_fused_ring_runs_without_importing_it_first():
 
 
 def test_ambiguous_layouts_raise():
-    from sp_kernels.context import ShardLayout
+    from sp_kernels.plan.context import ShardLayout
 
     state = SPState(config=SequenceParallelConfig(ulysses_degree=2))
     q = torch.randn(1, 5, 2, 8)

@@ -137,8 +137,8 @@ def _disagreeing_call(kind: str) -> str:
     import torch
 
     from sp_kernels.attn import attention
-    from sp_kernels.context import ShardLayout, sp_forward_context
-    from sp_kernels.parallel_state import SequenceParallelConfig, init_sequence_parallel
+    from sp_kernels.distributed.parallel_state import SequenceParallelConfig, init_sequence_parallel
+    from sp_kernels.plan.context import ShardLayout, sp_forward_context
 
     rank, P = dist.get_rank(), dist.get_world_size()
     state = init_sequence_parallel(SequenceParallelConfig(ulysses_degree=P))
@@ -181,8 +181,8 @@ def _degree_errors() -> list[str]:
     import torch
 
     from sp_kernels.attn import attention
-    from sp_kernels.context import sp_forward_context
-    from sp_kernels.parallel_state import SequenceParallelConfig, init_sequence_parallel
+    from sp_kernels.distributed.parallel_state import SequenceParallelConfig, init_sequence_parallel
+    from sp_kernels.plan.context import sp_forward_context
 
     msgs = []
     for config, backend in [((2, 2), "ring"), ((2, 2), "ulysses"), ((4, 1), "ring"), ((1, 4), "ulysses"),

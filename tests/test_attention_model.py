@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sp_kernels.demo import Shape, backend_plan, build_model, make_inputs
-from sp_kernels.models.dit import DiT, DiTConfig, RotaryEmbedding, apply_rope
+from sp_kernels.testing.demo import Shape, backend_rows, build_model, make_inputs
+from sp_kernels.testing.models.dit import DiT, DiTConfig, RotaryEmbedding, apply_rope
 from tests.attention_cases import poisoned_buffers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +22,8 @@ def _model_cases(cases: list[dict]) -> list[dict]:
     """Rank side: for each case run the model with and without SP; count the collectives attention used."""
     import sp_kernels.attn.ulysses as uly
     from sp_kernels import apply_sequence_parallel, remove_sequence_parallel
-    from sp_kernels.comm import TorchRingComm
-    from sp_kernels.parallel_state import SequenceParallelConfig
+    from sp_kernels.distributed.comm import TorchRingComm
+    from sp_kernels.distributed.parallel_state import SequenceParallelConfig
 
     counts = {"a2a": 0, "ring": 0}
     real_a2a, real_post = uly.all_to_all, TorchRingComm.post
@@ -67,7 +67,7 @@ def test_dit_under_sp_matches_single_process(rank_pool, world_size):
     shapes = [Shape(batch=1, frames=3, height=10, width=14), Shape(batch=2, tokens=4 * P + 1)]
     models = [dict(num_layers=2), dict(num_layers=1, num_heads=6, num_kv_heads=2, head_dim=16)]
     cases = []
-    for backend, degrees in backend_plan(P, ["ulysses", "ring", "usp", "auto"]):
+    for backend, degrees in backend_rows(P, ["ulysses", "ring", "usp", "auto"]):
         for shape in shapes:
             for model in models:
                 cases.append(dict(backend=backend, degrees=degrees, shape=shape.__dict__, model=model, dtype="float32"))
@@ -110,17 +110,17 @@ def test_dit_plan_and_errors():
 
 
 def test_backend_plan_rows():
-    assert backend_plan(2, ["ulysses", "ring", "usp", "auto"]) == [("ulysses", (2, 1)), ("ring", (1, 2)),
+    assert backend_rows(2, ["ulysses", "ring", "usp", "auto"]) == [("ulysses", (2, 1)), ("ring", (1, 2)),
                                                                    ("auto", (2, 1))]
-    assert backend_plan(4, ["usp", "auto"]) == [("usp", (2, 2)), ("auto", (2, 2))]
-    assert backend_plan(8, ["usp"]) == [("usp", (4, 2))]
+    assert backend_rows(4, ["usp", "auto"]) == [("usp", (2, 2)), ("auto", (2, 2))]
+    assert backend_rows(8, ["usp"]) == [("usp", (4, 2))]
     with pytest.raises(ValueError, match="unknown backend"):
-        backend_plan(2, ["nope"])
+        backend_rows(2, ["nope"])
 
 
 def test_demo_cli_runs_and_checks():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "sp_kernels.demo", "--world-size", "2", "--seq-len", "21", "--layers", "1",
+    cmd = [sys.executable, "-m", "sp_kernels.testing.demo", "--world-size", "2", "--seq-len", "21", "--layers", "1",
            "--iters", "1", "--backend", "all", "--check"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr

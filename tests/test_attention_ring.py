@@ -8,8 +8,8 @@ import torch.distributed as dist
 
 from sp_kernels.attn import ring
 from sp_kernels.attn.call import AttentionCall
-from sp_kernels.comm import TorchRingComm
-from sp_kernels.parallel_state import SequenceParallelConfig, init_sequence_parallel
+from sp_kernels.distributed.comm import TorchRingComm
+from sp_kernels.distributed.parallel_state import SequenceParallelConfig, init_sequence_parallel
 from tests.attention_reference import random_qkv, reference_attention
 
 
@@ -27,13 +27,13 @@ class RecordingComm(TorchRingComm):
         self.log.append(("wait",))
 
 
-def _ring_structure(lens: list[int]) -> dict:
+def _ring_structure(valid: list[int]) -> dict:
     P, rank = dist.get_world_size(), dist.get_rank()
     state = init_sequence_parallel(SequenceParallelConfig(ring_degree=P))
     B, H, D = 2, 2, 8
-    q, k, v = random_qkv(5, B, sum(lens), H, H, D, torch.float64)
-    start = sum(lens[:rank])
-    n = lens[rank]
+    q, k, v = random_qkv(5, B, sum(valid), H, H, D, torch.float64)
+    start = sum(valid[:rank])
+    n = valid[rank]
     log: list[tuple] = []
     real_block = ring.block_attention
 
@@ -47,7 +47,7 @@ def _ring_structure(lens: list[int]) -> dict:
         for _ in range(2):  # two calls: buffers must be reused, not reallocated
             call = AttentionCall(q[:, start : start + n], k[:, start : start + n], v[:, start : start + n],
                                  0.3, False, None, "ring", state, None)
-            outs.append(ring.ring_attention(call, lens, comm=RecordingComm(state.ring_group, log)))
+            outs.append(ring.ring_attention(call, valid, comm=RecordingComm(state.ring_group, log)))
     finally:
         ring.block_attention = real_block
     ref = reference_attention(q, k, v, scale=0.3)[:, start : start + n]
@@ -56,8 +56,8 @@ def _ring_structure(lens: list[int]) -> dict:
 
 def test_ring_posts_before_compute_and_reuses_buffers(rank_pool):
     P = 4
-    lens = [3, 0, 5, 2]
-    per_rank = rank_pool(P).run(_ring_structure, lens)
+    valid = [3, 0, 5, 2]
+    per_rank = rank_pool(P).run(_ring_structure, valid)
     B, H, D = 2, 2, 8
     for rank, res in enumerate(per_rank):
         assert res["err"] < 1e-12, (rank, res["err"])
@@ -72,10 +72,10 @@ def test_ring_posts_before_compute_and_reuses_buffers(rank_pool):
             src = (rank - step) % P
             nxt = (rank - step - 1) % P
             # The message carries K and V of exactly the block being forwarded / received.
-            assert events[p][1] == 2 * B * lens[src] * H * D and events[p][2] == 2 * B * lens[nxt] * H * D
+            assert events[p][1] == 2 * B * valid[src] * H * D and events[p][2] == 2 * B * valid[nxt] * H * D
             computes = [e for e in events[p:w] if e[0] == "compute"]
             # Step `step` computes on block src (skipped when it is empty) between its post and its wait.
-            assert computes == ([("compute", lens[src])] if lens[src] and lens[rank] else [])
+            assert computes == ([("compute", valid[src])] if valid[src] and valid[rank] else [])
         # Two receive buffers, alternating, the same ones in the second call.
         ptrs = [e[3] for e in log if e[0] == "post"]
         assert len(set(ptrs)) <= 2 and ptrs[: P - 1] == ptrs[P - 1 :]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sp_kernels
-from sp_kernels import _ext
+from sp_kernels.ops import _ext
 
 EXPECTED_TYPES = {
     "version": str,
@@ -223,8 +223,8 @@ def test_forced_cuda_build_explains_why_not(setup_module, monkeypatch, tmp_path)
 def test_source_list_shared_with_cmake(setup_module):
     groups = setup_module.source_groups()
     assert "csrc/ops.cpp" in groups["common"]
-    assert "csrc/cpu/shard_pad.cpp" in groups["cpu"]
-    assert "csrc/cuda/shard_pad.cu" in groups["cuda"]
+    assert "csrc/shard_pad/shard_pad_cpu.cpp" in groups["cpu"]
+    assert "csrc/shard_pad/shard_pad_cuda.cu" in groups["cuda"]
     assert groups["python"] == ["csrc/py_module.cpp"]
     cmake = (SETUP_PY.parent / "CMakeLists.txt").read_text()
     assert "csrc/sources.txt" in cmake, "CMake must read the same source list"

@@ -1,4 +1,4 @@
-"""The demo's diffusers models (``python -m sp_kernels.demo --model ...``) through its own entry
+"""The demo's diffusers models (``python -m sp_kernels.testing.demo --model ...``) through its own entry
 function, on the session's 2-rank pool: every default backend, a token count 2 divides and one it
 does not, checked against the same model on one process."""
 
@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 
-from sp_kernels import demo
+from sp_kernels.testing import demo
 
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None,
@@ -40,7 +40,7 @@ def test_demo_without_diffusers_says_so(monkeypatch, capsys):
 
 
 def test_demo_backend_rows_include_fused_ring():
-    assert demo.backend_plan(2, demo.DIFFUSERS_BACKENDS) == [
+    assert demo.backend_rows(2, demo.DIFFUSERS_BACKENDS) == [
         ("ulysses", (2, 1)), ("ring", (1, 2)), ("fused_ring", (1, 2)), ("auto", (2, 1))
     ]
-    assert ("usp", (2, 2)) in demo.backend_plan(4, demo.DIFFUSERS_BACKENDS)
+    assert ("usp", (2, 2)) in demo.backend_rows(4, demo.DIFFUSERS_BACKENDS)

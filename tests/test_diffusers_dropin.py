@@ -27,8 +27,8 @@ def _dropin_cases(cases: list[tuple[str, str, int, int]]) -> list[dict]:
     import torch.distributed as dist
 
     import sp_kernels.integrations.diffusers as integration
-    from sp_kernels.comm import TorchRingComm
-    from sp_kernels.models import diffusers_tiny
+    from sp_kernels.distributed.comm import TorchRingComm
+    from sp_kernels.testing.models import diffusers_tiny
 
     # diffusers' own CPU bugs (see the integration's docstring): rank % device_count() with 0 devices,
     # and logger.warning_once, which only exists once transformers is imported.
@@ -113,7 +113,7 @@ def test_unsupported_arguments_raise(monkeypatch):
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     import sp_kernels.integrations.diffusers as diffusers_integration
-    from sp_kernels.parallel_state import SequenceParallelConfig, SPState
+    from sp_kernels.distributed.parallel_state import SequenceParallelConfig, SPState
 
     fn = _AttentionBackendRegistry._backends[AttentionBackendName("fused_ring")]
     gen = torch.Generator().manual_seed(0)

@@ -28,9 +28,9 @@ def _sp_cases(world: int, families: tuple[str, ...], backends: tuple[str, ...]) 
     """Rank side: every (family, backend, tokens, return_dict) with one model per family, enabled and
     disabled again for each case (which also checks that disable restores it)."""
     from sp_kernels import SequenceParallelConfig
-    from sp_kernels.backends import SP_BACKEND_NAMES, backend_function, register_backend, restore_backend
+    from sp_kernels.attn.backends import SP_BACKEND_NAMES, backend_function, register_backend, restore_backend
     from sp_kernels.integrations.diffusers import disable_sequence_parallel, enable_sequence_parallel
-    from sp_kernels.models import diffusers_tiny
+    from sp_kernels.testing.models import diffusers_tiny
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     # Wan's plan splits a per-token timestep [B, N] (Wan 2.2); the tiny model's [B] is skipped with a warning.
@@ -115,7 +115,7 @@ def _bad_input_cases() -> dict:
 
     from sp_kernels import SequenceParallelConfig, SequenceParallelInput, is_sequence_parallel
     from sp_kernels.integrations.diffusers import disable_sequence_parallel, enable_sequence_parallel
-    from sp_kernels.models import diffusers_tiny
+    from sp_kernels.testing.models import diffusers_tiny
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     cfg = SequenceParallelConfig(ring_degree=2, attention_backend="ring")
@@ -188,7 +188,7 @@ def _ltx_cp_plan_cases(world: int) -> list[dict]:
     cross-attention K/V are a sharded sequence: they must be gathered, not attended locally."""
     from sp_kernels import SequenceParallelConfig
     from sp_kernels.integrations.diffusers import disable_sequence_parallel, enable_sequence_parallel
-    from sp_kernels.models import diffusers_tiny
+    from sp_kernels.testing.models import diffusers_tiny
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     model = diffusers_tiny.build("ltx", seed=3)
@@ -277,7 +277,7 @@ def test_plans_are_valid_and_translation():
 
     from sp_kernels import SequenceParallelInput, SequenceParallelOutput, validate_sp_plan
     from sp_kernels.integrations.diffusers_plans import PLANS, translate_cp_plan
-    from sp_kernels.models.diffusers_tiny import FAMILIES
+    from sp_kernels.testing.models.diffusers_tiny import FAMILIES
 
     assert {f.class_name for f in FAMILIES.values()} <= set(PLANS)
     for plan in PLANS.values():

@@ -27,7 +27,7 @@ from sp_kernels import (
     destroy_sequence_parallel,
     remove_sequence_parallel,
 )
-from sp_kernels.launch import RankPool
+from sp_kernels.testing.launch import RankPool
 from tests.attention_cases import sp_degrees
 
 H, D = 2, 4

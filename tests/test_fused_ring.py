@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from sp_kernels.attn import ring
 from sp_kernels.attn.call import AttentionCall
-from sp_kernels.comm import StreamOrderedComm, TorchRingComm, check_comm_device
-from sp_kernels.parallel_state import SequenceParallelConfig, init_sequence_parallel
+from sp_kernels.distributed.comm import StreamOrderedComm, TorchRingComm, check_comm_device
+from sp_kernels.distributed.parallel_state import SequenceParallelConfig, init_sequence_parallel
 from tests.attention_cases import failures, poisoned_buffers, run_case
 from tests.attention_reference import random_qkv, reference_attention
 from tests.test_attention_dist import standard_cases
@@ -41,12 +41,12 @@ def fused_cases(P: int) -> list[dict]:
     cases = []
     for case in standard_cases(P):
         if case["backend"] == "ring" or P == 1 and case["backend"] == "auto":
-            for merge in ("fused", "deferred"):
+            for merge in ("step", "all"):
                 cases.append({**case, "backend": "fused_ring", "degrees": (1, P), "merge": merge})
         elif case["backend"] in ("usp", "auto") and case["degrees"][1] > 1 and case["degrees"][0] > 1:
-            cases.append({**case, "merge": "deferred"})  # USP's ring part runs the fused_ring engine
+            cases.append({**case, "merge": "all"})  # USP's ring part runs the fused_ring engine
         elif case["backend"] == "auto" and case["degrees"] == (1, P):
-            cases.append({**case, "merge": "deferred"})  # auto resolves to fused_ring here
+            cases.append({**case, "merge": "all"})  # auto resolves to fused_ring here
     return cases
 
 
@@ -113,7 +113,7 @@ def sync_detector(log: list) -> Iterator[None]:
             setattr(owner, name, fn)
 
 
-def _fused_structure(lens: list[int], merge: str, joint_len: int) -> dict:
+def _fused_structure(valid: list[int], merge: str, joint_len: int) -> dict:
     from sp_kernels.attn.call import Joint
     from sp_kernels.attn.fused_ring import fused_ring_attention, release_ring_buffers
 
@@ -121,10 +121,10 @@ def _fused_structure(lens: list[int], merge: str, joint_len: int) -> dict:
     state = init_sequence_parallel(SequenceParallelConfig(ring_degree=P, attention_backend="fused_ring"))
     release_ring_buffers(state)
     B, H, D = 2, 2, 8
-    q, k, v = random_qkv(7, B, sum(lens), H, H, D, torch.float64)
+    q, k, v = random_qkv(7, B, sum(valid), H, H, D, torch.float64)
     jq, jk, jv = random_qkv(8, B, joint_len, H, H, D, torch.float64)
     joint = Joint(jq, jk, jv, "front") if joint_len else None
-    start, n = sum(lens[:rank]), lens[rank]
+    start, n = sum(valid[:rank]), valid[rank]
     log: list[tuple] = []
     allocs: list[tuple] = []
     real_block, real_new, real_core = ring.block_attention, ring.new_buffer, ring.ring_core
@@ -157,7 +157,7 @@ def _fused_structure(lens: list[int], merge: str, joint_len: int) -> dict:
             n_alloc = len(allocs)
             call = AttentionCall(q[:, start : start + n], k[:, start : start + n], v[:, start : start + n],
                                  0.3, False, joint, "fused_ring", state, None)
-            outs.append(fused_ring_attention(call, lens, comm=RecordingComm(state.ring_group, log), merge=merge))
+            outs.append(fused_ring_attention(call, valid, comm=RecordingComm(state.ring_group, log), merge=merge))
             allocs_per_call.append(allocs[n_alloc:])
         cached = sorted(str(key) for key in state.ring_buffers)
         released = release_ring_buffers(state)  # what remove_sequence_parallel does too
@@ -184,11 +184,11 @@ def _split_calls(log: list) -> list[list]:
     return calls
 
 
-@pytest.mark.parametrize("merge,joint_len", [("fused", 0), ("deferred", 3)])
+@pytest.mark.parametrize("merge,joint_len", [("step", 0), ("all", 3)])
 def test_fused_ring_structure(rank_pool, merge, joint_len):
     P = 4
-    lens = [3, 0, 5, 2]
-    per_rank = rank_pool(P).run(_fused_structure, lens, merge, joint_len)
+    valid = [3, 0, 5, 2]
+    per_rank = rank_pool(P).run(_fused_structure, valid, merge, joint_len)
     B, H, D = 2, 2, 8
     for rank, res in enumerate(per_rank):
         assert res["err"] < 1e-12, (rank, res["err"])
@@ -196,7 +196,7 @@ def test_fused_ring_structure(rank_pool, merge, joint_len):
         assert len(calls) == 3
         assert not [e for c in calls for e in c if e[0] == "sync"], "host synchronization inside the ring loop"
         # The two receive buffers (and only they) are allocated in the first call, none after.
-        big = 2 * B * max(lens) * H * D
+        big = 2 * B * max(valid) * H * D
         assert res["allocs"][0] == [(big,), (big,)] and res["allocs"][1] == [] and res["allocs"][2] == [], res["allocs"]
         for events in calls:
             posts = [i for i, e in enumerate(events) if e[0] == "post"]
@@ -208,11 +208,11 @@ def test_fused_ring_structure(rank_pool, merge, joint_len):
                 src, nxt = (rank - step) % P, (rank - step - 1) % P
                 assert p < w and (step == 0 or waits[step - 1] < p)
                 # One message carries K and V of exactly the forwarded block; the received one likewise.
-                assert events[p][1] == 2 * B * lens[src] * H * D and events[p][2] == 2 * B * lens[nxt] * H * D
+                assert events[p][1] == 2 * B * valid[src] * H * D and events[p][2] == 2 * B * valid[nxt] * H * D
                 computes = [e[1] for e in events[p:w] if e[0] == "compute"]
-                expect = [lens[src]] * (bool(lens[src] and lens[rank]) + bool(joint_len and lens[src]))
+                expect = [valid[src]] * (bool(valid[src] and valid[rank]) + bool(joint_len and valid[src]))
                 if step == 0 and joint_len:
-                    expect = [joint_len] * (1 + bool(lens[rank])) + expect
+                    expect = [joint_len] * (1 + bool(valid[rank])) + expect
                 assert sorted(computes) == sorted(expect), (rank, step, computes, expect)
                 if step + 2 < P:
                     between = events[w + 1 : posts[step + 1]]
@@ -220,7 +220,7 @@ def test_fused_ring_structure(rank_pool, merge, joint_len):
             # The last step has nothing left to receive: its compute follows the last wait.
             last = (rank + 1) % P
             tail = [e[1] for e in events[waits[-1] + 1 :] if e[0] == "compute"]
-            assert tail == [lens[last]] * (bool(lens[last] and lens[rank]) + bool(joint_len and lens[last]))
+            assert tail == [valid[last]] * (bool(valid[last] and valid[rank]) + bool(joint_len and valid[last]))
         # Receives alternate between two buffers, the same ones in every call.
         recv_ptrs = [e[3] for c in calls for e in c if e[0] == "post" and e[2]]
         assert 1 <= len(set(recv_ptrs)) <= 2
@@ -238,9 +238,9 @@ def _bad_inputs() -> dict:
     try:  # every rank is told a length for itself that does not match what it holds
         call = AttentionCall(q, q, q, 0.5, False, None, "fused_ring", state, None)
         fused_ring_attention(call, [5] * P)
-        out["lens"] = "no error"
+        out["valid"] = "no error"
     except ValueError as e:
-        out["lens"] = str(e)
+        out["valid"] = str(e)
     try:
         fused_ring_attention(AttentionCall(q, q, q, 0.5, False, None, "fused_ring", state, None), [4] * (P + 1))
         out["count"] = "no error"
@@ -251,7 +251,7 @@ def _bad_inputs() -> dict:
 
 def test_fused_ring_bad_inputs_raise(rank_pool):
     for res in rank_pool(2).run(_bad_inputs):
-        assert "shard length" in res["lens"] or "block lengths" in res["lens"], res
+        assert "shard length" in res["valid"] or "block lengths" in res["valid"], res
         assert "2 ranks" in res["count"] or "ring of 2" in res["count"], res
 
 
@@ -325,7 +325,7 @@ def test_stream_ordering_with_fake_cuda(monkeypatch):
 
 def test_auto_picks_fused_ring():
     from sp_kernels.attn import resolve_backend
-    from sp_kernels.parallel_state import SPState
+    from sp_kernels.distributed.parallel_state import SPState
 
     state = SPState(config=SequenceParallelConfig(ring_degree=2))
     assert resolve_backend(None, state) == "fused_ring"

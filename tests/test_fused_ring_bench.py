@@ -26,13 +26,13 @@ def test_bench_ring_quick():
     rows, stdout = run_quick_bench("bench_ring.py", "bench_ring_quick")
     loop = {(r["W"], r["method"]) for r in rows if r["bench"] == "loop" and r["status"] == "ok"}
     for W in ("2", "4"):
-        for method in ("one attention call", "W kernel calls, no merge", "ours (fused merge)", "ours (deferred merge)",
+        for method in ("one attention call", "W kernel calls, no merge", "ours (merge=step)", "ours (merge=all)",
                        "peers (sigmoid merge, alloc per step)"):
             assert (W, method) in loop, loop
     overlap = [r for r in rows if r["bench"] == "overlap"]
     assert len(overlap) == 2 and all(float(r["step / max(compute, transfer)"]) > 0 for r in overlap)
     ranks = {r["method"] for r in rows if r["bench"].startswith("ranks")}
-    assert ranks == {"ring", "fused_ring fused", "fused_ring deferred"}
+    assert ranks == {"ring", "fused_ring merge=step", "fused_ring merge=all"}
     assert all(float(r["ms"]) > 0 for r in rows)
     assert all(r["s"] == "256" for r in rows)
     # Progress: one line per measurement, printed as it finished (before the tables).
@@ -40,7 +40,7 @@ def test_bench_ring_quick():
     assert 0 <= stdout.index("loop s=256 W=2: one attention call: ") < tables
     assert 0 <= stdout.index("overlap s=256 W=4 link 450 GB/s: step / max(compute, transfer) = ") < tables
     assert "ranks: time per call" in stdout
-    assert "merge (fused vs deferred" in stdout and "no basis for a default" in stdout
+    assert "merge (step vs all" in stdout and "no basis for a default" in stdout
     keys = [line for line in stdout.splitlines() if line.startswith("key: ")]
     assert [k.split()[1] for k in keys] == ["loop", "overlap", "merge"], keys
     assert "FAILED" not in stdout
@@ -203,23 +203,23 @@ def test_merge_verdict_and_targets():
     ms = {}
     for s, W in itertools.product((4096, 16384), (2, 8)):
         ms[(s, W, "one attention call")] = 10.0
-        ms[(s, W, "ours (fused merge)")] = 10.8
-        ms[(s, W, "ours (deferred merge)")] = 10.2
+        ms[(s, W, "ours (merge=step)")] = 10.8
+        ms[(s, W, "ours (merge=all)")] = 10.2
     rows = _loop_rows(ms)
-    verdict = br.merge_verdict(rows, current_default="deferred")
-    assert verdict["winner"] == "deferred" and verdict["speedup"] == pytest.approx(10.8 / 10.2)
+    verdict = br.merge_verdict(rows, current_default="all")
+    assert verdict["winner"] == "all" and verdict["speedup"] == pytest.approx(10.8 / 10.2)
     assert len(verdict["cases"]) == 4 and verdict["action"].startswith("keep")
-    verdict = br.merge_verdict(rows, current_default="fused")
-    assert "change DEFAULT_MERGE from 'fused' to 'deferred'" in verdict["action"]
+    verdict = br.merge_verdict(rows, current_default="step")
+    assert "change DEFAULT_MERGE from 'step' to 'all'" in verdict["action"]
     for key in list(ms):
-        if key[2] == "ours (deferred merge)":
+        if key[2] == "ours (merge=all)":
             ms[key] = 10.8 * 1.002
-    tie = br.merge_verdict(_loop_rows(ms), current_default="fused")
+    tie = br.merge_verdict(_loop_rows(ms), current_default="step")
     assert tie["winner"] == "tie" and tie["action"].startswith("keep")
-    assert br.merge_verdict([], "deferred")["winner"] == "not measured"
+    assert br.merge_verdict([], "all")["winner"] == "not measured"
 
     rows = _loop_rows(ms) + [
-        {"bench": "loop", "s": 65536, "W": 8, "method": "ours (fused merge)", "status": "skipped (budget)"},
+        {"bench": "loop", "s": 65536, "W": 8, "method": "ours (merge=step)", "status": "skipped (budget)"},
         {"bench": "overlap", "s": 4096, "W": 8, "method": "link 450 GB/s", "step / max(compute, transfer)": 1.01},
         {"bench": "overlap", "s": 4096, "W": 8, "method": "link balanced", "step / max(compute, transfer)": 1.2},
         {"bench": "overlap", "s": 4096, "W": 8, "method": "link other", "status": "skipped (budget)"},

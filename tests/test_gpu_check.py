@@ -5,7 +5,7 @@
   numbers in the table, the exit status) with a stand-in python that plays each step.
 * scripts/gpu_first_run.py: its CPU mode end to end, that its ring check catches a ring that
   delivers the wrong block, and the arch string it hands the build.
-* sp_kernels.parallel_state: the ring groups get a high-priority NCCL stream when (and only when)
+* sp_kernels.distributed.parallel_state: the ring groups get a high-priority NCCL stream when (and only when)
   the parent backend runs NCCL for CUDA tensors.
 """
 
@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sp_kernels import parallel_state as ps
+from sp_kernels.distributed import parallel_state as ps
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -166,7 +166,7 @@ def test_gpu_first_run_cpu_quick(tmp_path):
     assert (tmp_path / "gpu_first_run.csv").is_file()
 
 
-@pytest.mark.parametrize("merge", ["fused", "deferred"])
+@pytest.mark.parametrize("merge", ["step", "all"])
 def test_first_run_ring_check_is_exact_and_catches_a_wrong_block(merge):
     cpu = torch.device("cpu")
     case = first_run.RingCase((12, 0, 20, 7), 4, 2, 64, False, torch.float32)

@@ -16,7 +16,7 @@ from sp_kernels import (
     is_sequence_parallel,
     remove_sequence_parallel,
 )
-from sp_kernels.hooks import _resolve_key
+from sp_kernels.plan.hooks import _resolve_key
 from tests.plan_models import SPI, SPO, SPP, TinyDiT, build, make_inputs
 
 
@@ -159,7 +159,7 @@ def test_bad_runtime_values_name_key_and_parameter():
 
 
 def test_context_is_per_forward_and_reset_on_exception():
-    from sp_kernels.context import running_context
+    from sp_kernels.plan.context import running_context
 
     model = build("dit")
     apply_sequence_parallel(model)

@@ -20,8 +20,8 @@ from sp_kernels import (
     sp_shard,
     sp_shard_with_padding,
 )
-from sp_kernels.context import ShardLayout, sp_forward_context
-from sp_kernels.launch import RankError
+from sp_kernels.plan.context import ShardLayout, sp_forward_context
+from sp_kernels.testing.launch import RankError
 from tests.plan_models import SPI, SPO, build, make_inputs
 
 # (model kind, sequence length, forward kwargs)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sp_kernels.launch import RankError, RankPool
+from sp_kernels.testing.launch import RankError, RankPool
 
 
 def _rank_and_sum():

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from sp_kernels import _ext
+from sp_kernels.ops import _ext
 from tests.op_utils import OpRecorder, force_impl
 
 merge_mod = importlib.import_module("sp_kernels.ops.merge")

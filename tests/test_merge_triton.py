@@ -123,7 +123,7 @@ def _ways_signature(fn, ways: int, src: str, dst: str) -> dict:
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("blk,dst", [("bf16", "fp32"), ("fp16", "bf16"), ("fp32", "fp32")])
 def test_aot_pair_kernel_vectorised(arch, blk, dst):
-    from sp_kernels.triton import merge as tm
+    from sp_kernels.ops.triton import merge as tm
 
     fn = tm.merge_pair_kernel
     block_d, block_r = tm._meta(128)
@@ -136,7 +136,7 @@ def test_aot_pair_kernel_vectorised(arch, blk, dst):
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("ways,src,dst", [(4, "bf16", "bf16"), (8, "fp16", "fp32"), (2, "fp32", "bf16")])
 def test_aot_ways_kernel_vectorised(arch, ways, src, dst):
-    from sp_kernels.triton import merge as tm
+    from sp_kernels.ops.triton import merge as tm
 
     fn = tm.merge_ways_kernel
     block_d, block_r = tm._meta(128)
@@ -149,7 +149,7 @@ def test_aot_ways_kernel_vectorised(arch, ways, src, dst):
 
 def test_aot_odd_head_dim_compiles():
     # D = 72 is not a power of two: the column mask path (BLOCK_D = 128) must compile too.
-    from sp_kernels.triton import merge as tm
+    from sp_kernels.ops.triton import merge as tm
 
     block_d, block_r = tm._meta(72)
     fn = tm.merge_pair_kernel
@@ -226,7 +226,7 @@ def test_aot_pair_kernel_in_place_barrier(arch, blk, D, num_warps):
     # In place, acc_lse is dst_lse and acc is dst (fp32). Every load of either (the compiler loads
     # acc_lse once per register layout it needs) must precede a CTA barrier that precedes the first
     # store to the destination, as the CUDA kernel's __syncthreads does.
-    from sp_kernels.triton import merge as tm
+    from sp_kernels.ops.triton import merge as tm
 
     fn = tm.merge_pair_kernel
     block_d, block_r = tm._meta(D)
@@ -258,8 +258,8 @@ def _merge64(acc, acc_lse, blk, blk_lse):
 
 
 def _launch_pair_in_place(acc, acc_lse, blk, blk_lse, num_warps: int) -> None:
-    # sp_kernels.triton.merge.merge_pair with the warp count chosen (the race needs several warps).
-    from sp_kernels.triton import merge as tm
+    # sp_kernels.ops.triton.merge.merge_pair with the warp count chosen (the race needs several warps).
+    from sp_kernels.ops.triton import merge as tm
 
     B, S, H, D = acc.shape
     block_d, block_r = tm._meta(D)

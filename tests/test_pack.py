@@ -1,6 +1,6 @@
 """Ulysses pack/unpack ops (native CPU and torch implementations) against independent references.
 
-Triton runs in tests/test_triton_pack.py (interpreter in a subprocess, plus AOT PTX checks).
+Triton runs in tests/test_pack_triton.py (interpreter in a subprocess, plus AOT PTX checks).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from sp_kernels import _ext
+from sp_kernels.ops import _ext
 from tests.op_utils import OpRecorder, force_impl
 from tests.pack_cases import (
     OUT_CASES,
@@ -184,7 +184,7 @@ def test_round_trip_through_emulated_exchange(impl):
     g = torch.Generator().manual_seed(5)
     P, B, Hq, Hkv, D, S = 4, 2, 6, 2, 64, 10
     L = -(-S // P)
-    case_index = __import__("sp_kernels.attn.ulysses", fromlist=["plan_heads"]).plan_heads(Hq, Hkv, P)
+    case_index = __import__("sp_kernels.attn.ulysses", fromlist=["assign_heads"]).assign_heads(Hq, Hkv, P)
     kv_index = list(case_index.kv_index) if case_index.kv_index is not None else list(range(P * case_index.kv_local))
     q_full, k_full, v_full = rand((B, P * L, Hq, D), torch.float32, g), rand((B, P * L, Hkv, D), torch.float32, g), None
     v_full = rand((B, P * L, Hkv, D), torch.float32, g)
@@ -374,7 +374,7 @@ def test_ulysses_hot_path_uses_the_ops(monkeypatch):
 
     monkeypatch.delenv("SP_KERNELS_IMPL", raising=False)
     g = torch.Generator().manual_seed(7)
-    plan = ulysses.plan_heads(4, 2, 1)
+    plan = ulysses.assign_heads(4, 2, 1)
     q, k, v = rand((2, 5, 4, 64), torch.float32, g), rand((2, 5, 2, 64), torch.float32, g), None
     v = rand((2, 5, 2, 64), torch.float32, g)
     joint = (rand((2, 3, 4, 64), torch.float32, g), rand((2, 3, 2, 64), torch.float32, g),
@@ -399,7 +399,7 @@ def test_ulysses_pack_accepts_any_layout(impl):
 
     g = torch.Generator().manual_seed(8)
     q = rand((1, 3, 5, 64), torch.float32, g).transpose(1, 2)  # [B, S=5, H=3, D] with stride(2) != D
-    plan = ulysses.plan_heads(3, 3, 2)
+    plan = ulysses.assign_heads(3, 3, 2)
     send = ulysses.pack_qkv(q, q, q, plan)
     index = list(plan.kv_index) if plan.kv_index is not None else list(range(2 * plan.kv_local))
     assert torch.equal(send, expected_pack_qkv(q, q, q, 2, index))

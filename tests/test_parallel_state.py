@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sp_kernels import parallel_state as ps
-from sp_kernels.parallel_state import (
+from sp_kernels.distributed import parallel_state as ps
+from sp_kernels.distributed.parallel_state import (
     SequenceParallelConfig,
     SetupError,
     SPState,

@@ -25,7 +25,7 @@ from sp_kernels import (
     init_sequence_parallel,
     remove_sequence_parallel,
 )
-from sp_kernels.context import sp_forward_context
+from sp_kernels.plan.context import sp_forward_context
 from tests.attention_cases import sp_degrees
 
 H, D = 2, 4
@@ -293,7 +293,7 @@ def run_intrusive_requests() -> list[float]:
     """The intrusive API with no plan and no model: the default context forgets each request's record
     when its last sequence is gathered, so requests of any length follow each other."""
     from sp_kernels import sp_gather, sp_shard
-    from sp_kernels.context import current_context
+    from sp_kernels.plan.context import current_context
 
     world = dist.get_world_size()
     state = init_sequence_parallel(SequenceParallelConfig(ulysses_degree=world))
@@ -338,7 +338,7 @@ def run_default_backend_form() -> list[float]:
 
 
 def test_init_process_group_without_backend():
-    from sp_kernels.launch import RankPool
+    from sp_kernels.testing.launch import RankPool
 
     with RankPool(2, backend=None, timeout=120.0) as pool:
         for errs in pool.run(run_default_backend_form):

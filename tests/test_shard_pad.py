@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sp_kernels import _ext
+from sp_kernels.ops import _ext
 from tests.op_utils import OpRecorder, force_impl
 
 # The submodule, not the function sp_kernels.ops re-exports under the same name.
@@ -349,7 +349,7 @@ def test_cuda_alignment_paths_and_stream():
 
 def test_complex_tensors_shard_through_their_real_view():
     # Qwen-Image's rope table is complex64; sharding goes through view_as_real, padding with 0 + 0j.
-    from sp_kernels.sp_sharding import _shard
+    from sp_kernels.plan.sharding import _shard
 
     x = torch.randn(7, 4, dtype=torch.complex64)
     for rank in range(3):

@@ -1,4 +1,4 @@
-// The CUDA pack kernels' body (row_copy_thread, csrc/include/sp_kernels/pack_rows.h) run on the CPU
+// The CUDA pack kernels' body (row_copy_thread, csrc/pack/pack_rows.h) run on the CPU
 // for every thread of several grids, on the same row maps the CUDA host code builds, and compared
 // byte for byte with the CPU ops. What a GPU adds beyond this is the memory system, not the logic.
 #include <ATen/ATen.h>
@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "sp_kernels/pack.h"
-#include "sp_kernels/pack_rows.h"
-#include "sp_kernels/pack_rows_host.h"
+#include "pack/pack.h"
+#include "pack/pack_rows.h"
+#include "pack/pack_rows_host.h"
 
 #include "check.h"
 
@@ -77,13 +77,13 @@ void test_pack_qkv(at::ScalarType dtype, int64_t B, int64_t S, int64_t Hq, int64
                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                           c10::IntArrayRef)>()
                         .call(q, k, v, P, kv_index);
-  const PackQkvPlan plan = prepare_pack_qkv(q, k, v, P, kv_index);
-  const int64_t f = static_cast<int64_t>(sizeof(V)) / plan.elem_size;
+  const PackQkvArgs args = prepare_pack_qkv(q, k, v, P, kv_index);
+  const int64_t f = static_cast<int64_t>(sizeof(V)) / args.elem_size;
   const std::string what = "pack_qkv B" + std::to_string(B) + " S" + std::to_string(S) + " Hq" + std::to_string(Hq) +
                            " Hkv" + std::to_string(Hkv) + " D" + std::to_string(D) + " P" + std::to_string(P) +
                            (fused ? " fused" : "");
-  emulate_and_compare<V, int32_t>(make_pack_qkv_rows<V, int32_t>(plan, f), plan.out, want, what);
-  emulate_and_compare<V, int64_t>(make_pack_qkv_rows<V, int64_t>(plan, f), plan.out, want, what);
+  emulate_and_compare<V, int32_t>(make_pack_qkv_rows<V, int32_t>(args, f), args.out, want, what);
+  emulate_and_compare<V, int64_t>(make_pack_qkv_rows<V, int64_t>(args, f), args.out, want, what);
 }
 
 template <typename V>
@@ -100,12 +100,12 @@ void test_unpack_qkv(at::ScalarType dtype, int64_t P, int64_t B, int64_t S_loc, 
                         .typed<at::Tensor(const at::Tensor&, int64_t, const c10::optional<at::Tensor>&,
                                           const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool)>()
                         .call(recv, S, jq, jk, jv, front);
-  const UnpackQkvPlan plan = prepare_unpack_qkv(recv, S, jq, jk, jv, front);
-  const int64_t f = static_cast<int64_t>(sizeof(V)) / plan.elem_size;
+  const UnpackQkvArgs args = prepare_unpack_qkv(recv, S, jq, jk, jv, front);
+  const int64_t f = static_cast<int64_t>(sizeof(V)) / args.elem_size;
   const std::string what = "unpack_qkv P" + std::to_string(P) + " B" + std::to_string(B) + " S" + std::to_string(S) +
                            " J" + std::to_string(J) + (front ? " front" : " rear");
-  emulate_and_compare<V, int32_t>(make_unpack_qkv_rows<V, int32_t>(plan, f), plan.out, want, what);
-  emulate_and_compare<V, int64_t>(make_unpack_qkv_rows<V, int64_t>(plan, f), plan.out, want, what);
+  emulate_and_compare<V, int32_t>(make_unpack_qkv_rows<V, int32_t>(args, f), args.out, want, what);
+  emulate_and_compare<V, int64_t>(make_unpack_qkv_rows<V, int64_t>(args, f), args.out, want, what);
 }
 
 template <typename V>
@@ -120,12 +120,12 @@ void test_pack_out(at::ScalarType dtype, int64_t B, int64_t S, int64_t hq, int64
                         .typed<at::Tensor(const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, int64_t,
                                           bool)>()
                         .call(seq, joint, P, L, front);
-  const PackOutPlan plan = prepare_pack_out(seq, joint, P, L, front);
-  const int64_t f = static_cast<int64_t>(sizeof(V)) / plan.elem_size;
+  const PackOutArgs args = prepare_pack_out(seq, joint, P, L, front);
+  const int64_t f = static_cast<int64_t>(sizeof(V)) / args.elem_size;
   const std::string what = "pack_out B" + std::to_string(B) + " S" + std::to_string(S) + " hq" + std::to_string(hq) +
                            " P" + std::to_string(P) + " L" + std::to_string(L) + " J" + std::to_string(J);
-  emulate_and_compare<V, int32_t>(make_pack_out_rows<V, int32_t>(plan, f), plan.out, want, what);
-  emulate_and_compare<V, int64_t>(make_pack_out_rows<V, int64_t>(plan, f), plan.out, want, what);
+  emulate_and_compare<V, int32_t>(make_pack_out_rows<V, int32_t>(args, f), args.out, want, what);
+  emulate_and_compare<V, int64_t>(make_pack_out_rows<V, int64_t>(args, f), args.out, want, what);
 }
 
 template <typename V>
@@ -133,12 +133,12 @@ void test_unpack_out(at::ScalarType dtype, int64_t P, int64_t B, int64_t R, int6
   const at::Tensor recv = rnd({P, B, R, hq, D}, dtype);
   const auto want =
       op_handle("sp_kernels::unpack_out").typed<at::Tensor(const at::Tensor&, int64_t)>().call(recv, heads);
-  const UnpackOutPlan plan = prepare_unpack_out(recv, heads);
-  const int64_t f = static_cast<int64_t>(sizeof(V)) / plan.elem_size;
+  const UnpackOutArgs args = prepare_unpack_out(recv, heads);
+  const int64_t f = static_cast<int64_t>(sizeof(V)) / args.elem_size;
   const std::string what = "unpack_out P" + std::to_string(P) + " B" + std::to_string(B) + " R" + std::to_string(R) +
                            " heads" + std::to_string(heads);
-  emulate_and_compare<V, int32_t>(make_unpack_out_rows<V, int32_t>(plan, f), plan.out, want, what);
-  emulate_and_compare<V, int64_t>(make_unpack_out_rows<V, int64_t>(plan, f), plan.out, want, what);
+  emulate_and_compare<V, int32_t>(make_unpack_out_rows<V, int32_t>(args, f), args.out, want, what);
+  emulate_and_compare<V, int64_t>(make_unpack_out_rows<V, int64_t>(args, f), args.out, want, what);
 }
 
 }  // namespace

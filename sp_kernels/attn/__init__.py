@@ -6,7 +6,7 @@ self-attention runs on the configured backend, cross-attention to recorded shard
 them, and everything else is plain attention on the tensors given. ``backend="local"`` (or
 ``Attention(skip_sequence_parallel=True)``, vLLM-Omni's name) declares attention that must stay on
 this rank, e.g. cross-attention to replicated tokens. Which backends exist, the degrees each runs
-and their implementations: the table in sp_kernels/backends.py. See docs/attention.md.
+and their implementations: the table in sp_kernels/attn/backends.py. See docs/attention.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backends import (
+from ..distributed.parallel_state import SPState
+from ..plan.context import ShardLayout, SPContext, current_context
+from ..plan.sharding import _all_gather_cat
+from .agreement import exchange_rows
+from .backends import (
     BACKEND_NAMES,
     BACKENDS,
     BackendFn,
@@ -26,10 +30,6 @@ from ..backends import (
     registered_backends,
     resolve_backend,
 )
-from ..context import ShardLayout, SPContext, current_context
-from ..parallel_state import SPState
-from ..sp_sharding import _all_gather_cat
-from .agreement import exchange_rows
 from .call import AttentionCall, Joint, validate_inputs
 from .local import NoKernelError, block_attention, block_kernel_names, register_block_kernel
 

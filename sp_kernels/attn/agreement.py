@@ -21,7 +21,7 @@ import struct
 import torch
 import torch.distributed as dist
 
-from ..comm import all_gather_small
+from ..distributed.comm import all_gather_small
 from .call import AttentionCall
 
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]

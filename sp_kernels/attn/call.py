@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..context import ShardLayout
-from ..parallel_state import SPState
-from ..sp_plan import JOINT_STRATEGIES
+from ..distributed.parallel_state import SPState
+from ..plan.context import ShardLayout
+from ..plan.specs import JOINT_STRATEGIES
 
 Tensor = torch.Tensor
 

@@ -9,13 +9,13 @@ One loop (``ring_core``) serves both; a ``RingEngine`` says how it runs:
   compute. On CUDA every K+V transfer goes on a dedicated high-priority stream
   (``comm.comm_stream``), ordered against compute with events only: step i+1's transfer is in
   flight while step i's block attention runs, and the host never synchronizes inside the loop.
-  Partial results are merged per step into one fp32 accumulator (``merge="fused"``: the fused
-  in-place merge op) or kept and merged once at the end (``merge="deferred"``: one W-way merge, W
+  Partial results are merged per step into one fp32 accumulator (``merge="step"``: the
+  in-place pair merge op) or kept and merged once at the end (``merge="all"``: one W-way merge, W
   partial outputs of memory). On CPU/gloo the same code path runs: ``batch_isend_irecv`` returns
   async work handles, so the exchange overlaps the block attention there too. USP uses this engine
-  for its ring part. The merge mode defaults to ``DEFAULT_MERGE[device type]`` (fused on CPU,
-  measured faster by benchmarks/bench_ring.py; deferred on CUDA, predicted faster by
-  docs/performance.md); ``SP_KERNELS_RING_MERGE=fused|deferred`` or ``set_default_merge`` override it.
+  for its ring part. The merge mode defaults to ``DEFAULT_MERGE[device type]`` ("step" on CPU,
+  measured faster by benchmarks/bench_ring.py; "all" on CUDA, predicted faster by
+  docs/performance.md); ``SP_KERNELS_RING_MERGE=step|all`` or ``set_default_merge`` override it.
 
 Per step the next block's transfer is posted before this step's compute and waited after it
 (``RingComm.post``/``wait``), K and V travel in one buffer, and partial results are merged in fp32
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comm import RingComm, StreamOrderedComm, TorchRingComm, check_comm_device, comm_stream
-from ..parallel_state import SPState, get_sp_state
+from ..distributed.comm import RingComm, StreamOrderedComm, TorchRingComm, check_comm_device, comm_stream
+from ..distributed.parallel_state import SPState, get_sp_state
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
 from .local import block_attention, lse_dtype
@@ -57,16 +57,16 @@ except ImportError:  # pragma: no cover - builds without the merge ops
     _OP_DTYPES, _lse_merge_all = (), None
 
 Tensor = torch.Tensor
-MERGE_MODES = ("fused", "deferred")
+MERGE_MODES = ("step", "all")
 
 
 @dataclass(frozen=True)
 class RingEngine:
-    """How ``ring_core`` runs. ``merge``: "fused" (per-step in-place merge) or "deferred" (keep the W
+    """How ``ring_core`` runs. ``merge``: "step" (per-step in-place merge) or "all" (keep the W
     partials, one W-way merge at the end). ``comm_stream``: on CUDA, issue transfers on a dedicated
     high-priority stream (ignored on CPU, where gloo's async work handles give the overlap)."""
 
-    merge: str = "fused"
+    merge: str = "step"
     comm_stream: bool = False
 
     def __post_init__(self) -> None:
@@ -74,18 +74,18 @@ class RingEngine:
             raise ValueError(f"RingEngine.merge={self.merge!r} is unknown; expected one of {list(MERGE_MODES)}")
 
 
-REFERENCE_ENGINE = RingEngine(merge="fused", comm_stream=False)
+REFERENCE_ENGINE = RingEngine(merge="step", comm_stream=False)
 
-# fused_ring's merge mode per device type: the faster of the two where measured (CPU: fused, 1-2% ahead
-# in benchmarks/bench_ring.py), the one the performance model predicts elsewhere (CUDA: deferred moves
+# fused_ring's merge mode per device type: the faster of the two where measured (CPU: "step", 1-2% ahead
+# in benchmarks/bench_ring.py), the one the performance model predicts elsewhere (CUDA: "all" moves
 # 4-5x fewer bytes; docs/performance.md) until a GPU run measures it. Env / set_default_merge() override.
 MERGE_ENV = "SP_KERNELS_RING_MERGE"
-DEFAULT_MERGE = {"cpu": "fused", "cuda": "deferred"}
+DEFAULT_MERGE = {"cpu": "step", "cuda": "all"}
 _merge_override: str | None = None
 
 
 def set_default_merge(mode: str | None) -> None:
-    """Set the merge mode fused_ring uses ("fused" or "deferred"); None restores env/default."""
+    """Set the merge mode fused_ring uses ("step" or "all"); None restores env/default."""
     global _merge_override
     if mode is not None and mode not in MERGE_MODES:
         raise ValueError(f"set_default_merge: {mode!r} is unknown; expected one of {list(MERGE_MODES)} or None")
@@ -96,7 +96,7 @@ def default_engine(merge: str | None = None, device_type: str = "cuda") -> RingE
     """The engine of fused_ring and of USP's ring part: comm stream on CUDA, the chosen merge mode."""
     if merge is None:
         merge = _merge_override if _merge_override is not None else (
-            os.environ.get(MERGE_ENV, "") or DEFAULT_MERGE.get(device_type, "deferred"))
+            os.environ.get(MERGE_ENV, "") or DEFAULT_MERGE.get(device_type, "all"))
     if merge not in MERGE_MODES:
         raise ValueError(f"fused_ring merge mode {merge!r} is unknown (see {MERGE_ENV}); expected one of {list(MERGE_MODES)}")
     return RingEngine(merge=merge, comm_stream=True)
@@ -134,8 +134,8 @@ def _kv_view(flat: Tensor, B: int, rows: int, heads: int, D: int) -> Tensor:
     return flat[: 2 * B * rows * heads * D].view(2, B, rows, heads, D)
 
 
-class _Running:
-    """Per-step merge into one fp32 running accumulator (``merge_into``, the fused op when present)."""
+class _MergeStep:
+    """Per-step merge into one fp32 running accumulator (``merge_into``, the lse_merge_ op when present)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -156,8 +156,8 @@ class _Running:
             dest.copy_(self.out)
 
 
-def merge_parts_into(parts: list[tuple[Tensor, Tensor]], dest: Tensor, acc_dtype: torch.dtype) -> None:
-    """Merge partials in list order straight into ``dest`` (one W-way pass when the fused op takes them,
+def merge_all_into(parts: list[tuple[Tensor, Tensor]], dest: Tensor, acc_dtype: torch.dtype) -> None:
+    """Merge partials in list order straight into ``dest`` (one W-way pass when lse_merge_all takes them,
     written in dest's dtype, no fp32 intermediate); a fixed order keeps results bitwise reproducible."""
     outs = [o for o, _ in parts]
     fits = (
@@ -177,7 +177,7 @@ def merge_parts_into(parts: list[tuple[Tensor, Tensor]], dest: Tensor, acc_dtype
         dest.copy_(merge_all(parts, acc_dtype)[0])
 
 
-class _Deferred:
+class _MergeAll:
     """Keep every partial (bf16 out + fp32 lse, as the kernel returned them) and merge once at the end."""
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -193,7 +193,7 @@ class _Deferred:
         elif len(self.parts) == 1:
             dest.copy_(self.parts[0][0])
         else:
-            merge_parts_into(self.parts, dest, self.dtype)
+            merge_all_into(self.parts, dest, self.dtype)
 
 
 def ring_core(
@@ -201,7 +201,7 @@ def ring_core(
     k: Tensor,
     v: Tensor,
     *,
-    lens: list[int],
+    valid: list[int],
     comm: RingComm,
     scale: float,
     causal: bool,
@@ -214,25 +214,25 @@ def ring_core(
     """Attention of this rank's queries over all ring blocks (+ joint tokens), written into the outputs.
     ``cache`` keeps the receive buffers across calls (``ring_buffers``).
 
-    q/k/v hold exactly ``lens[comm.rank]`` rows (no padding). ``joint`` tensors have the same heads as
-    q/k/v. ``out_seq`` ``[B, lens[rank], Hq, D]``, ``out_joint`` ``[B, J, Hq, D]`` (when joint).
+    q/k/v hold exactly ``valid[comm.rank]`` rows (no padding). ``joint`` tensors have the same heads as
+    q/k/v. ``out_seq`` ``[B, valid[rank], Hq, D]``, ``out_joint`` ``[B, J, Hq, D]`` (when joint).
     ``engine`` None means the fused_ring default (``default_engine()``): USP calls this
     without one, so its ring part is fused_ring.
     """
     if engine is None:
         engine = default_engine(device_type=q.device.type)
     R, rank = comm.size, comm.rank
-    if len(lens) != R:
-        raise ValueError(f"ring: got {len(lens)} block lengths for a ring of {R} ranks")
+    if len(valid) != R:
+        raise ValueError(f"ring: got {len(valid)} block lengths for a ring of {R} ranks")
     B, n, Hq, D = q.shape
-    if n != lens[rank] or k.shape[1] != n:
+    if n != valid[rank] or k.shape[1] != n:
         raise ValueError(
             f"ring: rank {rank} holds {n} query / {k.shape[1]} key rows but the exchanged block lengths say "
-            f"{lens[rank]} (lengths {lens}); every rank must agree on the shard lengths"
+            f"{valid[rank]} (lengths {valid}); every rank must agree on the shard lengths"
         )
     Hkv = k.shape[2]
     acc_dtype = lse_dtype(q.dtype)
-    local = _Deferred(acc_dtype) if engine.merge == "deferred" else _Running(acc_dtype)
+    local = _MergeAll(acc_dtype) if engine.merge == "all" else _MergeStep(acc_dtype)
     has_q = n > 0
     # Causal order is [joint | sequence] ("front") or [sequence | joint] ("rear"): joint queries in
     # front see no sequence keys, sequence queries see no rear joint keys.
@@ -247,7 +247,7 @@ def ring_core(
         if engine.comm_stream and q.device.type == "cuda":
             stream = comm_stream(q.device)
             comm = StreamOrderedComm(comm, stream)
-        bufs = ring_buffers(cache, 2 * B * max(lens) * Hkv * D, k.dtype, k.device, stream)
+        bufs = ring_buffers(cache, 2 * B * max(valid) * Hkv * D, k.dtype, k.device, stream)
         packed = _kv_view(bufs[0], B, n, Hkv, D)
         packed[0].copy_(k)
         packed[1].copy_(v)
@@ -258,8 +258,8 @@ def ring_core(
             handle = None
             if step < R - 1:
                 nxt = (rank - step - 1) % R
-                send = _kv_view(bufs[step % 2], B, lens[src], Hkv, D)
-                recv = _kv_view(bufs[(step + 1) % 2], B, lens[nxt], Hkv, D)
+                send = _kv_view(bufs[step % 2], B, valid[src], Hkv, D)
+                recv = _kv_view(bufs[(step + 1) % 2], B, valid[nxt], Hkv, D)
                 handle = comm.post(send, recv)
             if step == 0 and joint is not None:
                 # Joint K/V are local: computed while the first transfer is already in flight.
@@ -271,11 +271,11 @@ def ring_core(
             if step == 0:
                 kb, vb = k, v
             else:
-                kv = _kv_view(bufs[step % 2], B, lens[src], Hkv, D)
+                kv = _kv_view(bufs[step % 2], B, valid[src], Hkv, D)
                 kb, vb = kv[0], kv[1]
-            if lens[src] and has_q and (not causal or src <= rank):
+            if valid[src] and has_q and (not causal or src <= rank):
                 local.add(*block_attention(q, kb, vb, softmax_scale=scale, causal=causal and src == rank))
-            if joint_in_ring and lens[src]:
+            if joint_in_ring and valid[src]:
                 joint_by_src[src] = block_attention(joint.query, kb, vb, softmax_scale=scale)  # type: ignore[union-attr]
             if handle is not None:
                 done, handle = handle, None
@@ -292,20 +292,20 @@ def ring_core(
     local.write(out_seq)
     if joint is not None and out_joint is not None:
         parts = joint_parts + [joint_by_src[s] for s in sorted(joint_by_src)]
-        merge_parts_into(parts, out_joint, acc_dtype)
+        merge_all_into(parts, out_joint, acc_dtype)
 
 
-def run_ring(call: AttentionCall, lens: list[int], comm: RingComm | None, engine: RingEngine) -> Tensor:
-    """A pure ring over ``call.state.ring_group`` with ``engine``; ``lens`` = valid rows of every ring rank."""
+def run_ring(call: AttentionCall, valid: list[int], comm: RingComm | None, engine: RingEngine) -> Tensor:
+    """A pure ring over ``call.state.ring_group`` with ``engine``; ``valid`` = valid rows of every ring rank (in ring order)."""
     state = call.state
     comm = comm if comm is not None else TorchRingComm(state.ring_group)
     q, k, v = call.query, call.key, call.value
     B, L, Hq, D = q.shape
-    if len(lens) != comm.size:
-        raise ValueError(f"ring: got {len(lens)} shard lengths for a ring of {comm.size} ranks")
-    n = lens[comm.rank]
+    if len(valid) != comm.size:
+        raise ValueError(f"ring: got {len(valid)} shard lengths for a ring of {comm.size} ranks")
+    n = valid[comm.rank]
     if n > L:
-        raise ValueError(f"ring: rank {comm.rank} has {L} rows but its shard length is {n} (lengths {lens})")
+        raise ValueError(f"ring: rank {comm.rank} has {L} rows but its shard length is {n} (lengths {valid})")
     joint = call.joint
     J = joint.length if joint is not None else 0
     front = joint is None or joint.strategy == "front"
@@ -316,7 +316,7 @@ def run_ring(call: AttentionCall, lens: list[int], comm: RingComm | None, engine
         q[:, :n],
         k[:, :n],
         v[:, :n],
-        lens=lens,
+        valid=valid,
         comm=comm,
         scale=call.scale,
         causal=call.causal,
@@ -329,13 +329,13 @@ def run_ring(call: AttentionCall, lens: list[int], comm: RingComm | None, engine
     return result
 
 
-def ring_attention(call: AttentionCall, lens: list[int], comm: RingComm | None = None) -> Tensor:
+def ring_attention(call: AttentionCall, valid: list[int], comm: RingComm | None = None) -> Tensor:
     """The "ring" backend: the reference engine (current stream, running merge)."""
-    return run_ring(call, lens, comm, REFERENCE_ENGINE)
+    return run_ring(call, valid, comm, REFERENCE_ENGINE)
 
 
 def fused_ring_attention(
-    call: AttentionCall, lens: list[int], comm: RingComm | None = None, *, merge: str | None = None
+    call: AttentionCall, valid: list[int], comm: RingComm | None = None, *, merge: str | None = None
 ) -> Tensor:
-    """The "fused_ring" backend over ``call.state.ring_group``; ``lens`` = valid rows of every ring rank."""
-    return run_ring(call, lens, comm, default_engine(merge, call.query.device.type))
+    """The "fused_ring" backend over ``call.state.ring_group``; ``valid`` = valid rows of every ring rank (in ring order)."""
+    return run_ring(call, valid, comm, default_engine(merge, call.query.device.type))

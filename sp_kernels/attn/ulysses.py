@@ -10,7 +10,7 @@ Shapes inside a Ulysses group of P ranks, local shard ``[B, S_loc, H, D]``:
   every destination's chunk, so each rank gets the joint output of all heads from the same exchange.
 
 Heads: ``hq = ceil(Hq / P)`` query heads per rank, zero-padded and dropped after when P does not
-divide Hq. KV heads: each rank receives the KV heads its query heads use (``plan_heads``); with
+divide Hq. KV heads: each rank receives the KV heads its query heads use (``assign_heads``); with
 fewer KV heads than ranks (MQA / narrow GQA) KV heads are replicated into several chunks.
 
 Padding rows sit at the end of the global sequence (ShardLayout), so valid rows are a prefix of the
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..comm import all_to_all
+from ..distributed.comm import all_to_all
 from ..ops import pack as pack_ops
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
@@ -39,7 +39,7 @@ Tensor = torch.Tensor
 
 
 @dataclass(frozen=True)
-class HeadPlan:
+class HeadAssignment:
     """How Hq query heads and Hkv KV heads are spread over P ranks."""
 
     size: int  # P
@@ -60,7 +60,7 @@ class HeadPlan:
 
 
 @functools.lru_cache(maxsize=256)
-def plan_heads(heads: int, kv_heads: int, size: int) -> HeadPlan:
+def assign_heads(heads: int, kv_heads: int, size: int) -> HeadAssignment:
     """Smallest per-rank KV head set such that local query head j uses local KV head j // (hq / nkv)."""
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
@@ -87,7 +87,7 @@ def plan_heads(heads: int, kv_heads: int, size: int) -> HeadPlan:
     nkv = hq // g
     index = tuple(h for lst in kv_lists(g) or [] for h in lst)
     identity = index == tuple(range(kv_heads))
-    return HeadPlan(size, heads, kv_heads, hq, nkv, None if identity else index)
+    return HeadAssignment(size, heads, kv_heads, hq, nkv, None if identity else index)
 
 
 def _check_prefix(valid: list[int], local_len: int) -> None:
@@ -111,18 +111,18 @@ def _rows(t: Tensor | None) -> Tensor | None:
     return t.contiguous()
 
 
-def _kv_index(plan: HeadPlan) -> list[int]:
+def _kv_index(plan: HeadAssignment) -> list[int]:
     """The KV head table of the pack op: P * nkv global KV heads in chunk order."""
     return list(plan.kv_index) if plan.kv_index is not None else list(range(plan.size * plan.kv_local))
 
 
-def pack_qkv(q: Tensor, k: Tensor, v: Tensor, plan: HeadPlan) -> Tensor:
+def pack_qkv(q: Tensor, k: Tensor, v: Tensor, plan: HeadAssignment) -> Tensor:
     """One send buffer ``[P, B, S_loc, hq + 2*nkv, D]`` for q, k and v, written in one pass by the
     ``sp_kernels::pack_qkv`` op (its torch implementation, ``ops.pack.pack_qkv_torch``, is the reference)."""
     return pack_ops.pack_qkv(_rows(q), _rows(k), _rows(v), plan.size, _kv_index(plan))
 
 
-def slice_joint(joint: Joint, plan: HeadPlan, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+def slice_joint(joint: Joint, plan: HeadAssignment, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """This rank's heads of the replicated joint tokens (query heads zero-padded like the sequence)."""
     jq, jk, jv = joint.query, joint.key, joint.value
     lo, hi = plan.q_range(rank)
@@ -140,7 +140,7 @@ def slice_joint(joint: Joint, plan: HeadPlan, rank: int) -> tuple[Tensor, Tensor
 def exchange_qkv(
     send: Tensor,
     group: dist.ProcessGroup | None,
-    plan: HeadPlan,
+    plan: HeadAssignment,
     valid: list[int],
     joint_local: tuple[Tensor, Tensor, Tensor] | None = None,
     strategy: str = "front",
@@ -180,7 +180,7 @@ def exchange_qkv(
 
 
 def pack_out(
-    out_seq: Tensor, out_joint: Tensor | None, plan: HeadPlan, valid: list[int], local_len: int, strategy: str
+    out_seq: Tensor, out_joint: Tensor | None, plan: HeadAssignment, valid: list[int], local_len: int, strategy: str
 ) -> Tensor:
     """Attention output (this rank's heads) -> send ``[P, B, J + S_loc, hq, D]``.
 
@@ -195,7 +195,7 @@ def pack_out(
     return pack_ops.pack_out(_rows(out_seq), _rows(out_joint), P, local_len, strategy == "front")
 
 
-def unpack_out(recv: Tensor, plan: HeadPlan) -> Tensor:
+def unpack_out(recv: Tensor, plan: HeadAssignment) -> Tensor:
     """``[P, B, rows, hq, D]`` -> ``[B, rows, Hq, D]`` (padding heads dropped), one pass."""
     return pack_ops.unpack_out(recv.contiguous(), plan.heads)
 
@@ -204,7 +204,7 @@ def unpack_out(recv: Tensor, plan: HeadPlan) -> Tensor:
 class UlyssesStage:
     """What the head-sharded side of a Ulysses exchange needs to send the output back."""
 
-    plan: HeadPlan
+    plan: HeadAssignment
     valid: list[int]  # valid rows of each member's shard, in group order
     local_len: int
     group: dist.ProcessGroup | None
@@ -219,7 +219,7 @@ def scatter_heads(
     Returns (q, k, v, joint heads of this rank or None, stage). With ``with_joint_rows`` the joint
     rows are already placed inside q/k/v in strategy order (and the returned joint is None).
     """
-    plan = plan_heads(call.query.shape[2], call.key.shape[2], len(valid))
+    plan = assign_heads(call.query.shape[2], call.key.shape[2], len(valid))
     joint_local = slice_joint(call.joint, plan, rank) if call.joint is not None else None
     send = pack_qkv(call.query, call.key, call.value, plan)
     strategy = call.joint.strategy if call.joint is not None else "front"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..comm import TorchRingComm
+from ..distributed.comm import TorchRingComm
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
 from .ring import ring_core
@@ -24,7 +24,7 @@ def usp_attention(call: AttentionCall, valid: list[int]) -> Tensor:
     state = call.state
     U, R = state.ulysses_size, state.ring_size
     mine = valid[state.ring_rank * U : (state.ring_rank + 1) * U]
-    lens = [sum(valid[r * U : (r + 1) * U]) for r in range(R)]
+    ring_valid = [sum(valid[r * U : (r + 1) * U]) for r in range(R)]
     q, k, v, joint_heads, stage = scatter_heads(
         call, state.ulysses_group, state.ulysses_rank, mine, with_joint_rows=False
     )
@@ -43,7 +43,7 @@ def usp_attention(call: AttentionCall, valid: list[int]) -> Tensor:
         q,
         k,
         v,
-        lens=lens,
+        valid=ring_valid,
         comm=TorchRingComm(state.ring_group),
         scale=call.scale,
         causal=call.causal,

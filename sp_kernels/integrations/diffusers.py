@@ -62,11 +62,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..attn import block_attention, effective_mask, sharded_attention
+from ..attn.backends import BACKENDS as SP_BACKENDS
 from ..attn.call import validate_inputs
-from ..backends import BACKENDS as SP_BACKENDS
-from ..context import ShardLayout, current_context, sp_forward_context
-from ..hooks import Signature, apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
-from ..parallel_state import SequenceParallelConfig, SPState, default_group_timeout, device_of_group
+from ..distributed.parallel_state import SequenceParallelConfig, SPState, default_group_timeout, device_of_group
+from ..plan.context import ShardLayout, current_context, sp_forward_context
+from ..plan.hooks import Signature, apply_sequence_parallel, is_sequence_parallel, remove_sequence_parallel
 from .diffusers_plans import CROSS_ATTENTION, LOCAL_ATTENTION, PROMPT_MASKS, plan_source, translate_cp_plan
 
 Tensor = torch.Tensor

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..sp_plan import (
+from ..plan.specs import (
     SequenceParallelInput,
     SequenceParallelJointInput,
     SequenceParallelModelPlan,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .. import _ext
+from . import _ext
 from ._dispatch import select_impl, triton_unavailable_reason
 
 Tensor = torch.Tensor

@@ -9,7 +9,7 @@ log-sum-exps ``lse_*`` ``[B, H, S]``::
 in fp32. A row whose parts are all ``-inf`` (no keys in any block) gets ``lse = -inf`` and
 ``out = 0``, never NaN; an empty block merged with a real one leaves the real one unchanged.
 
-Ops (schemas in csrc/ops.cpp, contract in csrc/include/sp_kernels/merge.h):
+Ops (schemas in csrc/ops.cpp, contract in csrc/merge/merge.h):
 
 - ``lse_merge_(acc_out, acc_lse, block_out, block_lse)``: per-step merge, in place into the fp32
   accumulator.
@@ -94,7 +94,7 @@ def lse_merge_all_torch(
 
 
 # ---------------------------------------------------------------------------------------------
-# argument checks (messages as csrc/include/sp_kernels/merge.h's, in Python's spelling)
+# argument checks (messages as csrc/merge/merge.h's, in Python's spelling)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -251,7 +251,7 @@ def _as_parts(op: str, name: str, parts: Sequence[Tensor] | Tensor, dim: int) ->
 
 
 def _triton():
-    from ..triton import merge as triton_merge
+    from .triton import merge as triton_merge
 
     return triton_merge
 

@@ -23,7 +23,7 @@ but need contiguous ``[heads, D]`` rows; ``recv`` buffers must be contiguous. Dt
 float64, float16, bfloat16 (a pure copy: bits are moved, never converted).
 
 Implementations: ``native`` (C++ CPU / CUDA kernels in csrc/, schema in csrc/ops.cpp), ``triton``
-(sp_kernels/triton/pack.py; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``torch``
+(sp_kernels/ops/triton/pack.py; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``torch``
 (the reference below, a few strided copies). Each op is declared once in
 this module (sp_kernels/ops/_registry.py). The native ops have fake impls for torch.compile but no
 autograd formula: the sequence-parallel backends are forward-only, and a call that needs gradients
@@ -46,7 +46,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_KV_INDEX = 256  # kMaxKvIndex in pack_index.h: the table travels as a CUDA kernel parameter
 
 
-# ---- argument checks (messages as csrc/cpu/pack_prepare.cpp's, in Python's spelling) -----------
+# ---- argument checks (messages as csrc/pack/pack_prepare.cpp's, in Python's spelling) -----------
 
 
 def _check_dtype(op: str, name: str, t: Tensor) -> None:
@@ -246,7 +246,7 @@ def unpack_out_torch(recv: Tensor, heads: int) -> Tensor:
 
 
 def _triton():
-    from ..triton import pack as triton_pack
+    from .triton import pack as triton_pack
 
     return triton_pack
 
@@ -327,7 +327,7 @@ _impl_for = impl_for
 def pack_qkv(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index: Iterable[int]) -> Tensor:
     """q ``[B, S_loc, Hq, D]``, k/v ``[B, S_loc, Hkv, D]`` -> send ``[P, B, S_loc, hq + 2*nkv, D]``.
 
-    ``kv_index``: the ``P * nkv`` global KV heads in chunk order (``HeadPlan.kv_index``, or
+    ``kv_index``: the ``P * nkv`` global KV heads in chunk order (``HeadAssignment.kv_index``, or
     ``range(Hkv)`` when each rank takes ``Hkv / P`` consecutive heads).
     """
     return PACK_QKV(q, k, v, world_size, kv_index)

@@ -6,7 +6,7 @@ exists, else ``pad_value``. It replaces pad + chunk + contiguous (three passes) 
 ``sp_shard(..., auto_pad=True)``.
 
 Native op: ``torch.ops.sp_kernels.shard_pad`` (schema in csrc/ops.cpp, checks in
-csrc/common/shard_pad.cpp). The C++ library names this module in ``set_python_module`` so torch
+csrc/shard_pad/shard_pad_prepare.cpp). The C++ library names this module in ``set_python_module`` so torch
 imports it, and with it the fake impl and autograd formula, on demand.
 """
 
