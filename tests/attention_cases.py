@@ -9,9 +9,7 @@ reached any softmax would turn the output NaN.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 import torch.distributed as dist
@@ -20,6 +18,7 @@ from sp_kernels.attn import attention
 from sp_kernels.distributed.parallel_state import SequenceParallelConfig, init_sequence_parallel
 from sp_kernels.plan.context import ShardLayout, sp_forward_context
 from tests.attention_reference import random_qkv, reference_attention
+from tests.poison import poisoned
 
 # bf16 SP error may be this many times the error of single-process bf16 attention (both vs fp64).
 BF16_FACTOR = 3.0
@@ -142,27 +141,13 @@ def run_case(case: dict) -> dict:
 def run_cases(cases: list[dict]) -> list[dict]:
     """Run every case; an exception becomes that case's result instead of aborting the batch."""
     results = []
-    with poisoned_buffers():
+    with poisoned():
         for case in cases:
             try:
                 results.append(run_case(case))
             except Exception as e:  # noqa: BLE001 - reported per case to the parent
                 results.append({"error": f"{type(e).__name__}: {e}"})
     return results
-
-
-@contextlib.contextmanager
-def poisoned_buffers():
-    """NaN-fill every buffer sp_kernels allocates, for the duration (pool ranks are shared by tests)."""
-    old = os.environ.get("SP_KERNELS_POISON")
-    os.environ["SP_KERNELS_POISON"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["SP_KERNELS_POISON"]
-        else:
-            os.environ["SP_KERNELS_POISON"] = old
 
 
 def failures(cases: list[dict], per_rank: list[list[dict]]) -> list[str]:

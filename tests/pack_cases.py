@@ -6,7 +6,6 @@ from the view/permute formulation of sp_kernels.ops.pack's torch implementation.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -58,22 +57,6 @@ def rand(shape, dtype, generator=None) -> torch.Tensor:
     """Random values offset away from zero: never confused with zero padding or zeroed memory."""
     x = torch.randn(shape, dtype=torch.float64, generator=generator) + 5.0
     return x.to(dtype)
-
-
-@contextlib.contextmanager
-def poisoned_outputs():
-    """Every torch.empty / at::empty (the ops' outputs included) is filled with NaN while active,
-    so an element a kernel never writes fails the exact comparison."""
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from sp_kernels.attn import local
 from sp_kernels.attn.local import BlockKernel, NoKernelError, block_attention, select_block_kernel
 from tests.attention_reference import random_qkv, reference_attention, reference_lse
+from tests.poison import poisoned
 
 
 @pytest.mark.parametrize("kernel", ["cpu_flash", "math"])
@@ -95,10 +96,10 @@ def test_empty_blocks_give_identity_of_merge():
 
 
 def test_poisoned_outputs_are_fully_written(monkeypatch):
-    monkeypatch.setenv("SP_KERNELS_POISON", "1")
     q, k, v = random_qkv(9, 2, 33, 6, 3, 16, torch.float32)
     monkeypatch.setattr(local, "MATH_CHUNK_ELEMENTS", 500)  # many chunks, each must land
-    out, lse = block_attention(q, k, v, kernels=["math"], causal=True)
+    with poisoned():
+        out, lse = block_attention(q, k, v, kernels=["math"], causal=True)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from sp_kernels.testing.demo import Shape, backend_rows, build_model, make_inputs
 from sp_kernels.testing.models.dit import DiT, DiTConfig, RotaryEmbedding, apply_rope
-from tests.attention_cases import poisoned_buffers
+from tests.poison import poisoned
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def _model_cases(cases: list[dict]) -> list[dict]:
     uly.all_to_all, TorchRingComm.post = a2a, post
     results = []
     try:
-        with poisoned_buffers():
+        with poisoned():
             for case in cases:
                 cfg = DiTConfig(**case["model"])
                 dtype = getattr(torch, case["dtype"])

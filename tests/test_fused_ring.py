@@ -16,15 +16,16 @@ from sp_kernels.attn import ring
 from sp_kernels.attn.call import AttentionCall
 from sp_kernels.distributed.comm import StreamOrderedComm, TorchRingComm, check_comm_device
 from sp_kernels.distributed.parallel_state import SequenceParallelConfig, init_sequence_parallel
-from tests.attention_cases import failures, poisoned_buffers, run_case
+from tests.attention_cases import failures, run_case
 from tests.attention_reference import random_qkv, reference_attention
+from tests.poison import poisoned
 from tests.test_attention_dist import standard_cases
 
 
 def run_fused_cases(cases: list[dict]) -> list[dict]:
     """Rank side: like attention_cases.run_cases, with each case's merge mode."""
     results = []
-    with poisoned_buffers():
+    with poisoned():
         for case in cases:
             ring.set_default_merge(case.get("merge"))
             try:

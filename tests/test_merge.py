@@ -3,34 +3,30 @@
 The main property: merging the (out, lse) of softmax attention over disjoint key blocks equals
 softmax attention over the union of the keys. Checked with random block sizes (empty blocks
 included), several part dtypes and W, plus -inf rows, lse values 1e4 apart, strided layouts and
-poisoned destinations. The Triton implementation runs here only under TRITON_INTERPRET=1, which must
-be set before triton is imported: tests/test_merge_triton.py reruns this module in a subprocess
-with it set (and SP_KERNELS_TEST_TRITON=1, which adds "triton" to the implementations below).
+poisoned destinations. The Triton implementation runs on CPU tensors under Triton's interpreter, in
+this process (tests/triton_interp.py); its compiled PTX is checked in tests/test_merge_triton.py.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
 
 from sp_kernels.ops import _ext
 from tests.op_utils import OpRecorder, force_impl
+from tests.poison import nan_full
+from tests.triton_interp import needs_triton, use_interpreter
 
 merge_mod = importlib.import_module("sp_kernels.ops.merge")
 
 NATIVE = merge_mod.NATIVE_OPS_REGISTERED
 NATIVE_SKIP = f"native extension not built or not loadable: {_ext.native_error()}"
-TRITON = os.environ.get("SP_KERNELS_TEST_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 IMPLS = [
     pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason=NATIVE_SKIP)),
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(not TRITON, reason="runs in tests/test_merge_triton.py (TRITON_INTERPRET=1)"),
-    ),
+    pytest.param("triton", marks=needs_triton),  # Triton's interpreter, in this process
     "torch",
 ]
 PART_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -40,6 +36,8 @@ NEG_INF = float("-inf")
 @pytest.fixture(params=IMPLS)
 def impl(request, monkeypatch) -> str:
     monkeypatch.setenv("SP_KERNELS_IMPL", request.param)
+    if request.param == "triton":
+        use_interpreter(monkeypatch, "merge")
     return request.param
 
 
@@ -87,10 +85,6 @@ def split_attention(seed: int, sizes: list[int], dtype: torch.dtype, B=2, Sq=7, 
 def tolerance(dtype: torch.dtype) -> float:
     # Per-part rounding of the outputs (values of order 1) dominates: bf16 has 8 mantissa bits.
     return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-
-
-def poisoned(shape, dtype) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,9 +137,9 @@ def test_w_way_merge_equals_full_attention(impl, ways, dtype):
         torch.testing.assert_close(out.double(), full_out, atol=tolerance(dtype) + rounding, rtol=0)
         torch.testing.assert_close(lse.double(), full_lse, atol=2e-5, rtol=1e-6)
     # Into poisoned destinations (a strided slice, as the ring's joint output is), and from one stacked tensor.
-    big = poisoned((2, 7, 5, 16), torch.bfloat16)
+    big = nan_full((2, 7, 5, 16), torch.bfloat16)
     dest = big[:, :, 1:4]
-    dest_lse = poisoned((2, 7, 3), torch.float32).transpose(1, 2)
+    dest_lse = nan_full((2, 7, 3), torch.float32).transpose(1, 2)
     merge_mod.lse_merge_all(torch.stack(outs), torch.stack(lses), out=dest, lse=dest_lse)
     torch.testing.assert_close(dest.double(), want_out, atol=tolerance(torch.bfloat16), rtol=1e-5)
     torch.testing.assert_close(dest_lse.double(), want_lse, atol=2e-5, rtol=1e-6)
@@ -160,8 +154,8 @@ def test_final_write_into_poisoned_output(impl, dtype):
     merge_mod.lse_merge_(acc, acc_lse, *parts[1])
     acc_before, lse_before = acc.clone(), acc_lse.clone()
     for out_dtype in PART_DTYPES:
-        out = poisoned(acc.shape, out_dtype)
-        lse = poisoned(acc_lse.shape, torch.float32)
+        out = nan_full(acc.shape, out_dtype)
+        lse = nan_full(acc_lse.shape, torch.float32)
         merge_mod.lse_merge_out(acc, acc_lse, *parts[2], out, lse)
         rounding = 0.0 if out_dtype == torch.float32 else tolerance(out_dtype)
         torch.testing.assert_close(out.double(), full_out, atol=tolerance(dtype) + rounding, rtol=0)
@@ -294,8 +288,8 @@ def test_large_rows_split_across_threads(impl):
     try:
         outs, lses = synthetic_parts(4, 3, torch.bfloat16, 2.0, B=1, S=3000, H=5, D=64)
         want_out, want_lse = merge64(outs, lses)
-        dest = poisoned(outs[0].shape, torch.float32)
-        dest_lse = poisoned(lses[0].shape, torch.float32)
+        dest = nan_full(outs[0].shape, torch.float32)
+        dest_lse = nan_full(lses[0].shape, torch.float32)
         merge_mod.lse_merge_all(outs, lses, out=dest, lse=dest_lse)
         torch.testing.assert_close(dest.double(), want_out, atol=2e-5, rtol=1e-5)
         acc, acc_lse = outs[0].float(), lses[0].clone()

@@ -19,9 +19,9 @@ from tests.pack_cases import (
     expected_pack_qkv,
     expected_unpack_out,
     expected_unpack_qkv,
-    poisoned_outputs,
     rand,
 )
+from tests.poison import poisoned
 
 pk = importlib.import_module("sp_kernels.ops.pack")
 
@@ -60,7 +60,7 @@ def qkv_inputs(case, dtype, strided: bool, seed: int = 0):
 def test_pack_qkv(impl, case, dtype):
     for strided in (False, True):
         q, k, v = qkv_inputs(case, dtype, strided)
-        with poisoned_outputs():
+        with poisoned():
             got = pk.pack_qkv(q, k, v, case.P, case.kv_index)
         assert_same(got, expected_pack_qkv(q, k, v, case.P, case.kv_index), f"{case} strided={strided}")
 
@@ -82,7 +82,7 @@ def test_unpack_qkv(impl, case, dtype, joint):
         jk, jv = rand((case.B, J, nkv, case.D), dtype, g), rand((case.B, J, nkv, case.D), dtype, g)
     padded = case.P * case.S_loc
     for seq_len in sorted({padded, max(0, padded - 1), max(0, padded - case.S_loc - 1), 0}):
-        with poisoned_outputs():
+        with poisoned():
             got = pk.unpack_qkv(recv, seq_len, jq, jk, jv, joint != "rear")
         want = expected_unpack_qkv(recv, seq_len, jq, jk, jv, joint != "rear")
         assert_same(got, want, f"{case} seq_len={seq_len} joint={joint}")
@@ -98,7 +98,7 @@ def test_pack_out(impl, case, dtype, front):
     full = rand((B, J + S + 1, hq, D), dtype, g)
     out_seq = full[:, 1 : 1 + S]
     out_joint = rand((B, J, hq, D), dtype, g) if J else None
-    with poisoned_outputs():
+    with poisoned():
         got = pk.pack_out(out_seq, out_joint, P, L, front)
     assert_same(got, expected_pack_out(out_seq, out_joint, P, L, front), f"{case} front={front}")
 
@@ -111,7 +111,7 @@ def test_unpack_out(impl, heads, P, dtype, D):
     hq = -(-heads // P)
     for B, rows in ((1, 5), (2, 3)):
         recv = rand((P, B, rows, hq, D), dtype, g)
-        with poisoned_outputs():
+        with poisoned():
             got = pk.unpack_out(recv, heads)
         assert_same(got, expected_unpack_out(recv, heads), f"heads={heads} P={P} B={B}")
 
@@ -125,14 +125,14 @@ def test_float64_and_large_multithreaded(impl):
         q, k, v = rand((2, 700, 5, 64), torch.float64, g), rand((2, 700, 1, 64), torch.float64, g), None
         v = rand((2, 700, 1, 64), torch.float64, g)
         index = [0, 0, 0]
-        with poisoned_outputs():
+        with poisoned():
             send = pk.pack_qkv(q, k, v, 3, index)
         assert_same(send, expected_pack_qkv(q, k, v, 3, index), "pack_qkv fp64")
-        with poisoned_outputs():
+        with poisoned():
             seq = pk.unpack_qkv(send, 2 * 700 + 3)
         assert_same(seq, expected_unpack_qkv(send, 2 * 700 + 3), "unpack_qkv fp64")
         out = rand((2, 1999, 2, 64), torch.float64, g)
-        with poisoned_outputs():
+        with poisoned():
             got = pk.pack_out(out, None, 3, 700)
         assert_same(got, expected_pack_out(out, None, 3, 700), "pack_out fp64")
     finally:
@@ -152,25 +152,25 @@ def test_large_outputs_streaming_stores(impl, dtype, D):
         fused = rand((B, S_loc, Hq + 4 + 1, D), dtype, g)[:, :, 1:]  # q | k | v, offset by one head
         q, k, v = fused[:, :, :Hq], fused[:, :, Hq : Hq + 2], fused[:, :, Hq + 2 :]
         kv_index = [0, 1, 1]
-        with poisoned_outputs():
+        with poisoned():
             send = pk.pack_qkv(q, k, v, P, kv_index)
         assert send.nbytes >= 2 << 20
         assert_same(send, expected_pack_qkv(q, k, v, P, kv_index), "pack_qkv")
         S = P * S_loc - 5
         jq, jk, jv = rand((B, 3, 3, D), dtype, g), rand((B, 3, 1, D), dtype, g), rand((B, 3, 1, D), dtype, g)
         for front in (True, False):
-            with poisoned_outputs():
+            with poisoned():
                 got = pk.unpack_qkv(send, S, jq, jk, jv, front)
             assert got.nbytes >= 2 << 20
             assert_same(got, expected_unpack_qkv(send, S, jq, jk, jv, front), f"unpack_qkv front={front}")
         out_seq = rand((B, S + 1, 3, D), dtype, g)[:, 1:]
         out_joint = rand((B, 3, 3, D), dtype, g)
-        with poisoned_outputs():
+        with poisoned():
             got = pk.pack_out(out_seq, out_joint, P, S_loc, False)
         assert got.nbytes >= 2 << 20
         assert_same(got, expected_pack_out(out_seq, out_joint, P, S_loc, False), "pack_out")
         recv = rand((P, B, 2000, 3, D), dtype, g)
-        with poisoned_outputs():
+        with poisoned():
             got = pk.unpack_out(recv, Hq)
         assert got.nbytes >= 2 << 20
         assert_same(got, expected_unpack_out(recv, Hq), "unpack_out")

@@ -1,18 +1,11 @@
 """Triton pack/unpack kernels: interpreter runs on CPU tensors and ahead-of-time PTX for sm_80 / sm_90.
 
-``TRITON_INTERPRET`` is read when a kernel is decorated, i.e. when sp_kernels.ops.triton.pack is first
-imported, so the interpreter half cannot share a process with code that imported it compiled. In a
-normal ``pytest tests`` run this module therefore (1) compiles the kernels ahead of time and checks
-their PTX, and (2) re-runs itself in a subprocess with ``TRITON_INTERPRET=1``, where only the
-interpreter tests are active. Nothing here imports triton at module level.
+The interpreter tests run in this process on a private interpreted copy of the kernels
+(tests/triton_interp.py); the ahead-of-time tests compile the real ones. Nothing here imports
+triton at module level.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,16 +17,10 @@ from tests.pack_cases import (
     expected_pack_qkv,
     expected_unpack_out,
     expected_unpack_qkv,
-    poisoned_outputs,
     rand,
 )
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ROOT = Path(__file__).resolve().parent.parent
-HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
-
-interp_only = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess")
-compiled_only = pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="needs triton, outside the interpreter")
+from tests.poison import poisoned
+from tests.triton_interp import needs_triton, use_interpreter
 
 # Tiny shapes: the interpreter executes every program in Python.
 INTERP_QKV = [c for c in QKV_CASES if c.B * c.S_loc * c.P <= 32]
@@ -42,25 +29,25 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture
 def triton_impl(monkeypatch):
-    monkeypatch.setenv("SP_KERNELS_IMPL", "triton")
+    use_interpreter(monkeypatch, "pack")
     import sp_kernels.ops.pack as pk
 
     return pk
 
 
-@interp_only
+@needs_triton
 @pytest.mark.parametrize("case", INTERP_QKV, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_interp_pack_qkv(triton_impl, case, dtype):
     g = torch.Generator().manual_seed(0)
     fused = rand((case.B, case.S_loc, case.Hq + 2 * case.Hkv, case.D), dtype, g)
     q, k, v = fused[:, :, : case.Hq], fused[:, :, case.Hq : case.Hq + case.Hkv], fused[:, :, case.Hq + case.Hkv :]
-    with poisoned_outputs():
+    with poisoned():
         got = triton_impl.pack_qkv(q, k, v, case.P, case.kv_index)
     assert torch.equal(got, expected_pack_qkv(q, k, v, case.P, case.kv_index))
 
 
-@interp_only
+@needs_triton
 @pytest.mark.parametrize("case", INTERP_QKV[:4], ids=str)
 @pytest.mark.parametrize("joint", [None, "front", "rear"])
 def test_interp_unpack_qkv(triton_impl, case, joint):
@@ -73,12 +60,12 @@ def test_interp_unpack_qkv(triton_impl, case, joint):
         jq = rand((case.B, 2, hq + 1, case.D), torch.bfloat16, g)[:, :, 1:]
         jk, jv = (rand((case.B, 2, nkv, case.D), torch.bfloat16, g) for _ in range(2))
     for seq_len in (case.P * case.S_loc, case.P * case.S_loc - 1, 1):
-        with poisoned_outputs():
+        with poisoned():
             got = triton_impl.unpack_qkv(recv, seq_len, jq, jk, jv, joint != "rear")
         assert torch.equal(got, expected_unpack_qkv(recv, seq_len, jq, jk, jv, joint != "rear")), (seq_len, joint)
 
 
-@interp_only
+@needs_triton
 @pytest.mark.parametrize("case", OUT_CASES, ids=str)
 @pytest.mark.parametrize("front", [True, False])
 def test_interp_pack_out(triton_impl, case, front):
@@ -86,36 +73,19 @@ def test_interp_pack_out(triton_impl, case, front):
     g = torch.Generator().manual_seed(2)
     out_seq = rand((B, J + S + 1, hq, D), torch.float16, g)[:, 1 : 1 + S]
     out_joint = rand((B, J, hq, D), torch.float16, g) if J else None
-    with poisoned_outputs():
+    with poisoned():
         got = triton_impl.pack_out(out_seq, out_joint, P, L, front)
     assert torch.equal(got, expected_pack_out(out_seq, out_joint, P, L, front))
 
 
-@interp_only
+@needs_triton
 @pytest.mark.parametrize("heads,P,D", [(8, 2, 64), (5, 2, 80), (3, 4, 128), (6, 4, 64)])
 def test_interp_unpack_out(triton_impl, heads, P, D):
     g = torch.Generator().manual_seed(3)
     recv = rand((P, 2, 3, -(-heads // P), D), torch.float32, g)
-    with poisoned_outputs():
+    with poisoned():
         got = triton_impl.unpack_out(recv, heads)
     assert torch.equal(got, expected_unpack_out(recv, heads))
-
-
-@compiled_only
-def test_interpreter_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", SP_KERNELS_IMPL="triton")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).relative_to(ROOT))],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, tail
-    # Every interpreter test ran (the AOT tests and this one are the only skips there).
-    assert " passed" in tail and "failed" not in tail, tail
 
 
 # ---- ahead-of-time compilation: no GPU needed ---------------------------------------------------
@@ -146,7 +116,7 @@ def _aot_ptx(kernel, arch: int, D: int = 128) -> str:
     return compiled.asm["ptx"]
 
 
-@compiled_only
+@needs_triton
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("name", ["pack_qkv", "unpack_qkv", "pack_out", "unpack_out"])
 def test_aot_ptx_has_16_byte_accesses(name, arch):
