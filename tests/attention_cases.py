@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -36,7 +37,7 @@ def sp_degrees(backend: str, world: int) -> tuple[int, int]:
 
 def describe(case: dict) -> str:
     keys = ("backend", "degrees", "batch", "seq", "heads", "kv_heads", "head_dim", "joint", "strategy", "prefix",
-            "causal", "dtype", "mode", "lengths")
+            "causal", "dtype", "mode", "lengths", "merge")
     return " ".join(f"{k}={case[k]}" for k in keys if k in case)
 
 
@@ -148,6 +149,20 @@ def run_cases(cases: list[dict]) -> list[dict]:
             except Exception as e:  # noqa: BLE001 - reported per case to the parent
                 results.append({"error": f"{type(e).__name__}: {e}"})
     return results
+
+
+def case_params(cases_of, world_sizes) -> list:
+    """pytest params (world_size, index) for every case of ``cases_of(P)``, named by the case."""
+    return [
+        pytest.param(P, i, id=f"P{P}-{i}-" + describe(case).replace(", ", "/").replace(" ", ","))
+        for P in world_sizes
+        for i, case in enumerate(cases_of(P))
+    ]
+
+
+def case_failures(cases: list[dict], per_rank: list[list[dict]], index: int) -> list[str]:
+    """The failures of case ``index`` of a batch."""
+    return failures([cases[index]], [results[index : index + 1] for results in per_rank])
 
 
 def failures(cases: list[dict], per_rank: list[list[dict]]) -> list[str]:

@@ -30,6 +30,29 @@ def rank_pool():
     pools.close()
 
 
+@pytest.fixture(scope="session")
+def rank_batch(rank_pool):
+    """``rank_batch(fn, world_size, cases)`` -> every rank's results of ``fn(cases)``, computed once per
+    (fn, world size) in the session. Tests parametrized per case share that one pool call (spawning and
+    synchronising ranks costs seconds) and still pass, fail and are named one case at a time. A batch
+    that fails as a whole (a rank died, the pool timed out) fails every case that reads it."""
+    results: dict[tuple, object] = {}
+
+    def get(fn, world_size: int, cases: list):
+        key = (fn.__module__, fn.__qualname__, world_size, len(cases))
+        if key not in results:
+            try:
+                results[key] = rank_pool(world_size).run(fn, cases)
+            except Exception as e:  # noqa: BLE001 - re-raised for every case of the batch
+                results[key] = e
+        got = results[key]
+        if isinstance(got, Exception):
+            raise RuntimeError(f"the batch of {len(cases)} cases on {world_size} ranks failed") from got
+        return got
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def _deadline():
     """A per-test deadline, so the suite itself never hangs: a test still running after

@@ -5,6 +5,7 @@ One rank-pool call per world size runs a whole list of cases (spawning ranks cos
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -12,7 +13,7 @@ import torch.distributed as dist
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.attention_cases import describe, failures, run_cases
+from tests.attention_cases import case_failures, case_params, describe, failures, run_cases
 
 
 def _backends(P: int) -> list[tuple[str, tuple[int, int]]]:
@@ -64,12 +65,16 @@ def standard_cases(P: int) -> list[dict]:
     return cases
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_backends_match_reference(rank_pool, world_size):
-    cases = standard_cases(world_size)
-    per_rank = rank_pool(world_size).run(run_cases, cases)
-    bad = failures(cases, per_rank)
-    assert not bad, f"{len(bad)} of {len(cases)} cases failed:\n" + "\n".join(bad)
+@functools.cache
+def standard_cases_cached(P: int) -> list[dict]:
+    return standard_cases(P)
+
+
+@pytest.mark.parametrize("world_size,index", case_params(standard_cases_cached, [1, 2, 3, 4]))
+def test_backend_matches_reference(rank_batch, world_size, index):
+    cases = standard_cases_cached(world_size)
+    bad = case_failures(cases, rank_batch(run_cases, world_size, cases), index)
+    assert not bad, bad[0]
 
 
 @st.composite
@@ -110,23 +115,28 @@ def random_case(draw, P: int) -> dict:
     return case
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_random_shapes_property(rank_pool, world_size):
-    """Hypothesis draws the cases in the parent (shrinking would diverge across ranks, so generation
-    only); all of them run in one pool call and every failing case is reported."""
+@functools.cache
+def random_cases(P: int) -> list[dict]:
+    """Hypothesis draws the cases at collection (shrinking would diverge across ranks, so generation
+    only; derandomized, so every collection draws the same ones)."""
     cases: list[dict] = []
 
     @settings(max_examples=30, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
-    @given(random_case(world_size))
+    @given(random_case(P))
     def collect(case):
         cases.append(case)
 
     collect()
     assert len(cases) >= 20
-    per_rank = rank_pool(world_size).run(run_cases, cases)
-    bad = failures(cases, per_rank)
-    assert not bad, f"{len(bad)} of {len(cases)} random cases failed:\n" + "\n".join(bad)
+    return cases
+
+
+@pytest.mark.parametrize("world_size,index", case_params(random_cases, [2, 3, 4]))
+def test_random_shapes_property(rank_batch, world_size, index):
+    cases = random_cases(world_size)
+    bad = case_failures(cases, rank_batch(run_cases, world_size, cases), index)
+    assert not bad, bad[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ buffer release, and the CUDA stream ordering (checked with a fake stream on CPU)
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +17,7 @@ from sp_kernels.attn import ring
 from sp_kernels.attn.call import AttentionCall
 from sp_kernels.distributed.comm import StreamOrderedComm, TorchRingComm, check_comm_device
 from sp_kernels.distributed.parallel_state import SequenceParallelConfig, init_sequence_parallel
-from tests.attention_cases import failures, run_case
+from tests.attention_cases import case_failures, case_params, run_case
 from tests.attention_reference import random_qkv, reference_attention
 from tests.poison import poisoned
 from tests.test_attention_dist import standard_cases
@@ -37,6 +38,7 @@ def run_fused_cases(cases: list[dict]) -> list[dict]:
     return results
 
 
+@functools.cache
 def fused_cases(P: int) -> list[dict]:
     """Every ring-shaped case of the attention tests as fused_ring (both merges), USP and auto."""
     cases = []
@@ -52,12 +54,16 @@ def fused_cases(P: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_fused_ring_matches_reference(rank_pool, world_size):
+def test_fused_cases_cover_dtypes(world_size):
     cases = fused_cases(world_size)
     assert {c["dtype"] for c in cases} >= {"float32", "bfloat16"} and len(cases) >= 30
-    per_rank = rank_pool(world_size).run(run_fused_cases, cases)
-    bad = failures(cases, per_rank)
-    assert not bad, f"{len(bad)} of {len(cases)} cases failed:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("world_size,index", case_params(fused_cases, [1, 2, 3, 4]))
+def test_fused_ring_matches_reference(rank_batch, world_size, index):
+    cases = fused_cases(world_size)
+    bad = case_failures(cases, rank_batch(run_fused_cases, world_size, cases), index)
+    assert not bad, bad[0]
 
 
 # --------------------------------------------------------------------------------------------
