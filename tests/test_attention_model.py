@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -61,9 +62,8 @@ def _model_cases(cases: list[dict]) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_dit_under_sp_matches_single_process(rank_pool, world_size):
-    P = world_size
+@functools.cache
+def model_cases(P: int) -> list[dict]:
     shapes = [Shape(batch=1, frames=3, height=10, width=14), Shape(batch=2, tokens=4 * P + 1)]
     models = [dict(num_layers=2), dict(num_layers=1, num_heads=6, num_kv_heads=2, head_dim=16)]
     cases = []
@@ -71,16 +71,30 @@ def test_dit_under_sp_matches_single_process(rank_pool, world_size):
         for shape in shapes:
             for model in models:
                 cases.append(dict(backend=backend, degrees=degrees, shape=shape.__dict__, model=model, dtype="float32"))
-    results = rank_pool(P).run(_model_cases, cases)
-    for case, res in zip(cases, zip(*results)):
-        layers = case["model"]["num_layers"]
-        u, r = case["degrees"]
-        for rank_res in res:
-            assert rank_res["finite"] and rank_res["shape_ok"], case
-            assert rank_res["err"] < 1e-5, (case, rank_res["err"])
-            # SP really ran: Ulysses exchanges twice per block, the ring R-1 times per block.
-            assert rank_res["a2a"] == (2 * layers if u > 1 else 0), (case, rank_res)
-            assert rank_res["ring"] == ((r - 1) * layers if r > 1 else 0), (case, rank_res)
+    return cases
+
+
+def _model_params() -> list:
+    def name(P: int, i: int, c: dict) -> str:
+        shape = ",".join(f"{k}={v}" for k, v in c["shape"].items() if v)
+        model = ",".join(f"{k}={v}" for k, v in c["model"].items())
+        return f"P{P}-{i}-{c['backend']}-{c['degrees'][0]}x{c['degrees'][1]}-{shape}-{model}"
+
+    return [pytest.param(P, i, id=name(P, i, c)) for P in (2, 3, 4) for i, c in enumerate(model_cases(P))]
+
+
+@pytest.mark.parametrize("world_size,index", _model_params())
+def test_dit_under_sp_matches_single_process(rank_batch, world_size, index):
+    cases = model_cases(world_size)
+    case = cases[index]
+    layers = case["model"]["num_layers"]
+    u, r = case["degrees"]
+    for rank_res in (results[index] for results in rank_batch(_model_cases, world_size, cases)):
+        assert rank_res["finite"] and rank_res["shape_ok"], case
+        assert rank_res["err"] < 1e-5, (case, rank_res["err"])
+        # SP really ran: Ulysses exchanges twice per block, the ring R-1 times per block.
+        assert rank_res["a2a"] == (2 * layers if u > 1 else 0), (case, rank_res)
+        assert rank_res["ring"] == ((r - 1) * layers if r > 1 else 0), (case, rank_res)
 
 
 def test_rope_tables_and_rotation():

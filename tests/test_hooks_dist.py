@@ -174,13 +174,13 @@ def run_error_cases():
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_plans_match_single_process(rank_pool, world):
-    per_rank = rank_pool(world).run(run_plan_cases, CASES)
-    for results in per_rank:
-        for r in results:
-            assert r["shape_ok"], r
-            assert r["err"] < 1e-12, r
-            assert r["region_ok"], r
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{k}-S{s}-{kw or 'plain'}" for k, s, kw in CASES])
+def test_plans_match_single_process(rank_batch, world, index):
+    for rank, results in enumerate(rank_batch(run_plan_cases, world, CASES)):
+        r = results[index]
+        assert r["shape_ok"], (rank, r)
+        assert r["err"] < 1e-12, (rank, r)
+        assert r["region_ok"], (rank, r)
 
 
 @pytest.mark.parametrize("world", [2, 3])
