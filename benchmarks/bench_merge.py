@@ -153,7 +153,7 @@ def bench_shape(
         record("wway", "torch.compile sigmoid chain", None, wway_bytes, f"not run: {_compile_error}")
     record(
         "wway",
-        "eager log1p (attn/merge.py)",
+        "eager log1p (torch merge)",
         time_it(lambda: merge_ops.lse_merge_all_torch(outs, lses, torch.bfloat16)),
         wway_bytes,
     )
@@ -207,7 +207,7 @@ def bench_step(outs, lses, device, time_it, record, impls, step_c, step_bytes) -
         record("step", "torch.compile sigmoid chain", None, step_bytes, f"not run: {_compile_error}")
     record(
         "step",
-        "eager log1p (attn/merge.py)",
+        "eager log1p (torch merge)",
         time_it(lambda: merge_ops.lse_merge_torch_(acc, acc_lse, blk, blk_lse)),
         step_bytes,
     )

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sp_kernels.attn.local import block_attention
-from sp_kernels.attn.merge import merge_all, merge_into, merged_lse
+from sp_kernels.ops.merge import merge_all, merge_into, merged_lse
 from tests.attention_reference import random_qkv, reference_attention, reference_lse
 
 

@@ -45,16 +45,10 @@ import torch
 
 from ..distributed.comm import RingComm, StreamOrderedComm, TorchRingComm, check_comm_device, comm_stream
 from ..distributed.parallel_state import SPState, get_sp_state
+from ..ops.merge import merge_all, merge_into
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
 from .local import block_attention, lse_dtype
-from .merge import merge_all, merge_into
-
-try:  # the one-pass W-way merge op; attn/merge.py's merge_all (same math) is the fallback
-    from ..ops.merge import VALUE_DTYPES as _OP_DTYPES
-    from ..ops.merge import lse_merge_all as _lse_merge_all
-except ImportError:  # pragma: no cover - builds without the merge ops
-    _OP_DTYPES, _lse_merge_all = (), None
 
 Tensor = torch.Tensor
 MERGE_MODES = ("step", "all")
@@ -156,27 +150,6 @@ class _MergeStep:
             dest.copy_(self.out)
 
 
-def merge_all_into(parts: list[tuple[Tensor, Tensor]], dest: Tensor, acc_dtype: torch.dtype) -> None:
-    """Merge partials in list order straight into ``dest`` (one W-way pass when lse_merge_all takes them,
-    written in dest's dtype, no fp32 intermediate); a fixed order keeps results bitwise reproducible."""
-    outs = [o for o, _ in parts]
-    fits = (
-        _lse_merge_all is not None
-        and acc_dtype == torch.float32
-        and dest.dtype in _OP_DTYPES
-        and outs[0].dtype in _OP_DTYPES
-        and all(o.dtype == outs[0].dtype for o in outs)
-        and all(lse.dtype == torch.float32 for _, lse in parts)
-        and (dest.shape[-1] <= 1 or dest.stride(-1) == 1)
-    )
-    if fits:
-        B, S, H, _ = dest.shape
-        lse = torch.empty((B, H, S), dtype=torch.float32, device=dest.device)  # small scratch (no D)
-        _lse_merge_all(outs, [lse_ for _, lse_ in parts], out=dest, lse=lse)
-    else:
-        dest.copy_(merge_all(parts, acc_dtype)[0])
-
-
 class _MergeAll:
     """Keep every partial (bf16 out + fp32 lse, as the kernel returned them) and merge once at the end."""
 
@@ -193,7 +166,7 @@ class _MergeAll:
         elif len(self.parts) == 1:
             dest.copy_(self.parts[0][0])
         else:
-            merge_all_into(self.parts, dest, self.dtype)
+            merge_all(self.parts, self.dtype, dest=dest)
 
 
 def ring_core(
@@ -292,7 +265,7 @@ def ring_core(
     local.write(out_seq)
     if joint is not None and out_joint is not None:
         parts = joint_parts + [joint_by_src[s] for s in sorted(joint_by_src)]
-        merge_all_into(parts, out_joint, acc_dtype)
+        merge_all(parts, acc_dtype, dest=out_joint)
 
 
 def run_ring(call: AttentionCall, valid: list[int], comm: RingComm | None, engine: RingEngine) -> Tensor:

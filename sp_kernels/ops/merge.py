@@ -23,8 +23,8 @@ Inputs may have any strides over B, S, H (what attention kernels produce); head_
 stride 1. Implementations: native C++ (CPU) / CUDA, Triton (CUDA, or CPU under
 ``TRITON_INTERPRET=1``), and pure torch (``lse_merge_torch_``/``lse_merge_all_torch``: the eager
 log1p merge, also the reference the others are tested against). ``SP_KERNELS_IMPL`` forces one
-for all four ops together (they are one family in sp_kernels/ops/_registry.py). No autograd: the merge serves the forward-only sequence-parallel backends; attn/merge.py uses the
-torch implementation when gradients are needed.
+for all four ops together (they are one family in sp_kernels/ops/_registry.py). No autograd: the merge policy at the end of this module
+(``merge_into``, ``merge_all``) takes the torch implementation when gradients are needed.
 """
 
 from __future__ import annotations
@@ -390,3 +390,63 @@ def lse_merge_all(
 
 
 NATIVE_OPS_REGISTERED = register_native(LSE_MERGE_, LSE_MERGE_OUT, LSE_MERGE_ALL, LSE_MERGE_ALL_OUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# the merge policy: the one place that decides which implementation merges partial results
+# ---------------------------------------------------------------------------------------------
+# The ops take fp32 accumulators and lses, value dtypes in VALUE_DTYPES with head_dim stride 1, and
+# have no backward; anything else (fp64, mixed part dtypes, tensors that need gradients) takes the
+# eager torch merge above, which is the same math.
+
+
+def _op_fits(out: Tensor, lse: Tensor) -> bool:
+    return lse.dtype == torch.float32 and out.dtype in VALUE_DTYPES and (out.size(-1) <= 1 or out.stride(-1) == 1)
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+    """``(acc_out, acc_lse) <- merge((acc_out, acc_lse), (out, lse))`` in place; acc_* are fp32/fp64."""
+    if (
+        acc_out.dtype == torch.float32
+        and _op_fits(acc_out, acc_lse)
+        and _op_fits(out, lse)
+        and not _needs_grad(acc_out, acc_lse, out, lse)
+    ):
+        lse_merge_(acc_out, acc_lse, out, lse)
+    else:
+        lse_merge_torch_(acc_out, acc_lse, out, lse)
+
+
+def merge_all(
+    parts: Sequence[tuple[Tensor, Tensor]], acc_dtype: torch.dtype, *, dest: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Merge partials ``(out, lse)`` in list order (a fixed order gives bitwise-identical results on
+    every rank) -> ``(out, lse)``; rows with no keys in any part are 0 with lse -inf.
+
+    Without ``dest`` the result is fresh, in ``acc_dtype``. With ``dest`` (any B/S/H strides, e.g. a
+    slice of the final output) the merge is written straight into it in dest's dtype -- one W-way
+    pass and no fp32 intermediate when the op takes the parts.
+    """
+    if not parts:
+        raise ValueError("merge_all needs at least one partial result")
+    outs = [o for o, _ in parts]
+    lses = [lse for _, lse in parts]
+    fits = (
+        acc_dtype == torch.float32
+        and all(_op_fits(o, lse) for o, lse in parts)
+        and all(o.dtype == outs[0].dtype for o in outs)
+        and not _needs_grad(*outs, *lses)
+    )
+    if dest is None:
+        return lse_merge_all(outs, lses, torch.float32) if fits else lse_merge_all_torch(outs, lses, acc_dtype, acc_dtype)
+    if fits and dest.dtype in VALUE_DTYPES and (dest.shape[-1] <= 1 or dest.stride(-1) == 1):
+        B, S, H, _ = dest.shape
+        lse = torch.empty((B, H, S), dtype=torch.float32, device=dest.device)  # small scratch (no D)
+        return lse_merge_all(outs, lses, out=dest, lse=lse)
+    merged, lse = lse_merge_all_torch(outs, lses, acc_dtype, acc_dtype)
+    dest.copy_(merged)
+    return dest, lse
