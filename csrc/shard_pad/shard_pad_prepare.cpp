@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "sp_kernels/index_math.h"
@@ -50,11 +51,16 @@ std::array<uint8_t, 16> encode_pad(at::ScalarType dtype, double pad_value) {
   }
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "shard_pad", [&] {
     if constexpr (std::is_integral_v<scalar_t>) {
-      // An integer output cannot hold a fraction; truncating silently would hide a caller bug.
-      TORCH_CHECK(std::isfinite(pad_value) && std::trunc(pad_value) == pad_value,
-                  "shard_pad: pad_value must be an integer for dtype ", dtype, ", got ", pad_value);
+      // An integer output cannot hold a fraction or a value out of range; truncating or wrapping
+      // silently would hide a caller bug. The same check and message as the Python face.
+      const auto lo = static_cast<int64_t>(std::numeric_limits<scalar_t>::min());
+      const auto hi = static_cast<int64_t>(std::numeric_limits<scalar_t>::max());
+      TORCH_CHECK(std::isfinite(pad_value) && std::trunc(pad_value) == pad_value &&
+                      pad_value >= static_cast<double>(lo) && pad_value <= static_cast<double>(hi),
+                  "shard_pad: pad_value must be an integer in [", lo, ", ", hi, "] for dtype ", dtype, ", got ",
+                  pad_value);
     }
-    // checked_convert raises on overflow (e.g. 300 into int8) instead of wrapping.
+    // checked_convert also guards the conversion itself (floating dtypes: overflow to inf).
     fill_pattern<scalar_t>(pattern, c10::checked_convert<scalar_t, double>(pad_value, c10::toString(dtype)));
   });
   return pattern;

@@ -52,7 +52,7 @@ MAX_KV_INDEX = 256  # kMaxKvIndex in pack_index.h: the table travels as a CUDA k
 def _check_dtype(op: str, name: str, t: Tensor) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        raise ValueError(f"{op}: unsupported dtype {t.dtype} for {name} of shape {tuple(t.shape)} (supported: {names})")
+        raise ValueError(f"{op}: unsupported dtype {t.dtype} for {name} (supported: {names}); {name} has shape {tuple(t.shape)}")
 
 
 def _check_bshd(op: str, name: str, t: Tensor) -> None:
@@ -97,23 +97,20 @@ def _pack_qkv_check(q: Tensor, k: Tensor, v: Tensor, world_size: int, kv_index: 
     at_least(op, "world_size", P, 1)
     n = len(kv_index)
     if n < P or n % P:
-        raise ValueError(f"{op}: kv_index must hold world_size * nkv >= {P} entries (a multiple of {P}), got {n}")
+        raise ValueError(f"{op}: kv_index must hold world_size * nkv >= {P} entries, got {n}")
     if n > MAX_KV_INDEX:
         raise ValueError(f"{op}: kv_index holds {n} entries, more than the supported {MAX_KV_INDEX}")
-    bad = [i for i in kv_index if not 0 <= i < k.shape[2]]
-    if bad:
-        raise ValueError(f"{op}: kv_index entries {bad} are out of range for {k.shape[2]} key/value heads")
+    for i, head in enumerate(kv_index):
+        if not 0 <= head < k.shape[2]:
+            raise ValueError(f"{op}: kv_index[{i}] = {head} is out of range for {k.shape[2]} key/value heads")
 
 
 def _unpack_qkv_check(recv, seq_len, joint_q, joint_k, joint_v, joint_front) -> None:
     op = "unpack_qkv"
     _check_recv(op, recv)
     P, B, S_loc, W, D = recv.shape
-    at_least(op, "seq_len", seq_len, 0)
-    if seq_len > P * S_loc:
-        raise ValueError(
-            f"{op}: seq_len ({seq_len}) exceeds the padded length P * S_loc = {P} * {S_loc} = {P * S_loc} of recv"
-        )
+    if not 0 <= seq_len <= P * S_loc:
+        raise ValueError(f"{op}: seq_len must be in [0, P * S_loc] = [0, {P * S_loc}], got {seq_len}")
     if joint_q is None and joint_k is None and joint_v is None:
         return
     if joint_q is None or joint_k is None or joint_v is None:
@@ -143,8 +140,7 @@ def _pack_out_check(out_seq, out_joint, world_size, local_len, joint_front) -> N
     at_least(op, "local_len", L, 0)
     if out_seq.shape[1] > P * L:
         raise ValueError(
-            f"{op}: out_seq has {out_seq.shape[1]} rows, more than the padded length world_size * local_len = "
-            f"{P} * {L} = {P * L}"
+            f"{op}: out_seq has {out_seq.shape[1]} rows, more than world_size * local_len = {P * L}"
         )
     if out_joint is not None:
         j = out_joint

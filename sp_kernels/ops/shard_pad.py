@@ -53,7 +53,7 @@ def _check(x: torch.Tensor, dim: int, start: int, length: int, pad_value: float)
     shape = tuple(x.shape)
     if x.dtype not in SUPPORTED_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
-        raise ValueError(f"shard_pad: unsupported dtype {x.dtype} for x of shape {shape} (supported: {names})")
+        raise ValueError(f"shard_pad: unsupported dtype {x.dtype} for x (supported: {names}); x has shape {shape}")
     ndim = x.dim()
     if ndim == 0:
         raise ValueError("shard_pad: x must have at least one dimension, got a 0-dim tensor")
@@ -65,13 +65,13 @@ def _check(x: torch.Tensor, dim: int, start: int, length: int, pad_value: float)
         raise ValueError(f"shard_pad: length must be >= 0, got {length} {_where(x)}")
     if x.dtype == torch.bool:
         if pad_value not in (0, 1):
-            raise ValueError(f"shard_pad: pad_value must be 0 or 1 for dtype bool, got {pad_value} {_where(x)}")
+            raise ValueError(f"shard_pad: pad_value must be 0 or 1 for dtype bool, got {pad_value:g} {_where(x)}")
     elif not x.dtype.is_floating_point:
         info = torch.iinfo(x.dtype)
         if not (math.isfinite(pad_value) and float(pad_value).is_integer() and info.min <= pad_value <= info.max):
             raise ValueError(
                 f"shard_pad: pad_value must be an integer in [{info.min}, {info.max}] for dtype {x.dtype}, "
-                f"got {pad_value} {_where(x)}"
+                f"got {pad_value:g} {_where(x)}"
             )
 
 
