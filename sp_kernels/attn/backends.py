@@ -23,7 +23,7 @@ BackendFn = Callable[[Any, list[int]], Any]
 @dataclass(frozen=True)
 class Backend:
     """One backend. ``needs_*``: degrees it cannot run otherwise; ``impl``: ``"module:function"``
-    (module relative to sp_kernels), None where ``attention()`` itself decides ("auto", "local")."""
+    (module relative to sp_kernels.attn), None where ``attention()`` itself decides ("auto", "local")."""
 
     name: str
     impl: str | None
@@ -49,11 +49,11 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("auto", None, "the first backend of AUTO_ORDER that runs the degrees"),
         Backend("local", None, "attention on this rank's tensors only, no communication", needs_size_1=True),
-        Backend("ulysses", ".attn.ulysses:ulysses_attention", "all-to-all sequence <-> heads", needs_ring_1=True),
-        Backend("ring", ".attn.ring:ring_attention", "reference ring: current stream, running merge",
+        Backend("ulysses", ".ulysses:ulysses_attention", "all-to-all sequence <-> heads", needs_ring_1=True),
+        Backend("ring", ".ring:ring_attention", "reference ring: current stream, running merge",
                 needs_ulysses_1=True),
-        Backend("usp", ".attn.usp:usp_attention", "Ulysses inside each group x the fused_ring engine across"),
-        Backend("fused_ring", ".attn.ring:fused_ring_attention", "ring with transfers overlapped with compute",
+        Backend("usp", ".usp:usp_attention", "Ulysses inside each group x the fused_ring engine across"),
+        Backend("fused_ring", ".ring:fused_ring_attention", "ring with transfers overlapped with compute",
                 needs_ulysses_1=True),
     )
 }

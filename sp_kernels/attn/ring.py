@@ -47,7 +47,8 @@ from ..distributed.comm import RingComm, StreamOrderedComm, TorchRingComm, check
 from ..distributed.parallel_state import SPState, get_sp_state
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
-from .local import block_attention, lse_dtype
+from .local import lse_dtype
+from .mask import BlockMask, FullMask, attend_block
 from .merge import merge_all, merge_into
 
 try:  # the one-pass W-way merge op; attn/merge.py's merge_all (same math) is the fallback
@@ -210,6 +211,7 @@ def ring_core(
     out_joint: Tensor | None,
     cache: dict,
     engine: RingEngine | None = None,
+    mask: FullMask | None = None,
 ) -> None:
     """Attention of this rank's queries over all ring blocks (+ joint tokens), written into the outputs.
     ``cache`` keeps the receive buffers across calls (``ring_buffers``).
@@ -217,7 +219,9 @@ def ring_core(
     q/k/v hold exactly ``valid[comm.rank]`` rows (no padding). ``joint`` tensors have the same heads as
     q/k/v. ``out_seq`` ``[B, valid[rank], Hq, D]``, ``out_joint`` ``[B, J, Hq, D]`` (when joint).
     ``engine`` None means the fused_ring default (``default_engine()``): USP calls this
-    without one, so its ring part is fused_ring.
+    without one, so its ring part is fused_ring. ``mask``: the call's mask in the full frame (ring block
+    ``src`` holds sequence rows ``sum(valid[:src])`` on); each block attends with its slice of it, and a
+    query row that the slice excludes entirely contributes lse -inf (nothing) to the merge.
     """
     if engine is None:
         engine = default_engine(device_type=q.device.type)
@@ -240,6 +244,17 @@ def ring_core(
     joint_in_ring = joint is not None and not (causal and joint.strategy == "front")
     joint_parts: list[tuple[Tensor, Tensor]] = []
     joint_by_src: dict[int, tuple[Tensor, Tensor]] = {}
+    starts = [sum(valid[:r]) for r in range(R)]
+
+    def blk(rows: tuple[int, int] | None, src: int | None) -> BlockMask | None:
+        """The mask of query ``rows`` over ring block ``src`` (None: the joint block)."""
+        if mask is None:
+            return None
+        cols = mask.joint_span() if src is None else mask.seq_span(starts[src], valid[src])
+        return mask.block(rows, cols)
+
+    q_rows = mask.seq_span(starts[rank], n) if mask is not None else None
+    j_rows = mask.joint_span() if mask is not None else None
 
     stream = None
     if R > 1:
@@ -264,9 +279,9 @@ def ring_core(
             if step == 0 and joint is not None:
                 # Joint K/V are local: computed while the first transfer is already in flight.
                 if seq_sees_joint and has_q:
-                    local.add(*block_attention(q, joint.key, joint.value, softmax_scale=scale))
+                    local.add(*attend_block(q, joint.key, joint.value, scale, blk(q_rows, None)))
                 joint_parts.append(
-                    block_attention(joint.query, joint.key, joint.value, softmax_scale=scale, causal=causal)
+                    attend_block(joint.query, joint.key, joint.value, scale, blk(j_rows, None), causal=causal)
                 )
             if step == 0:
                 kb, vb = k, v
@@ -274,9 +289,9 @@ def ring_core(
                 kv = _kv_view(bufs[step % 2], B, valid[src], Hkv, D)
                 kb, vb = kv[0], kv[1]
             if valid[src] and has_q and (not causal or src <= rank):
-                local.add(*block_attention(q, kb, vb, softmax_scale=scale, causal=causal and src == rank))
+                local.add(*attend_block(q, kb, vb, scale, blk(q_rows, src), causal=causal and src == rank))
             if joint_in_ring and valid[src]:
-                joint_by_src[src] = block_attention(joint.query, kb, vb, softmax_scale=scale)  # type: ignore[union-attr]
+                joint_by_src[src] = attend_block(joint.query, kb, vb, scale, blk(j_rows, src))  # type: ignore[union-attr]
             if handle is not None:
                 done, handle = handle, None
                 comm.wait(done)
@@ -325,6 +340,7 @@ def run_ring(call: AttentionCall, valid: list[int], comm: RingComm | None, engin
         out_joint=(result[:, :J] if front else result[:, L : L + J]) if joint is not None else None,
         cache=state.ring_buffers,
         engine=engine,
+        mask=call.mask,
     )
     return result
 

@@ -34,6 +34,7 @@ from ..ops import pack as pack_ops
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
 from .local import block_attention
+from .mask import attend_block
 
 Tensor = torch.Tensor
 
@@ -239,8 +240,12 @@ def ulysses_attention(call: AttentionCall, valid: list[int]) -> Tensor:
     """Pure Ulysses over ``call.state.ulysses_group``; ``valid`` = valid rows of each member."""
     state = call.state
     q, k, v, _, stage = scatter_heads(call, state.ulysses_group, state.ulysses_rank, valid, with_joint_rows=True)
-    out, _ = block_attention(q, k, v, softmax_scale=call.scale, causal=call.causal)
     S = sum(valid)
+    if call.mask is not None:
+        # Every key of the call is here, in the full frame's order: the whole mask applies, one block.
+        out, _ = attend_block(q, k, v, call.scale, call.mask.block(None, (0, k.shape[1])))
+    else:
+        out, _ = block_attention(q, k, v, softmax_scale=call.scale, causal=call.causal)
     if call.joint is None:
         return gather_heads(stage, out, None, "front")
     J = call.joint.length
