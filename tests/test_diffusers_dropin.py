@@ -121,12 +121,13 @@ def test_unsupported_arguments_raise(monkeypatch):
     mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
     mask[..., -2:] = False
     cp = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
-    # A state without process groups: the refusal travels through the (here one-rank) agreement exchange,
-    # which is how every rank of a real group raises it together.
+    # A state without process groups: a refusal travels through the (here one-rank) agreement exchange,
+    # which is how every rank of a real group raises it together. (Masks run under context parallelism
+    # since issue 15: tests/test_diffusers_masks.py.)
     state = SPState(config=SequenceParallelConfig(ring_degree=2))
     monkeypatch.setattr(diffusers_integration, "sp_state_for", lambda cp_config: state)
-    with pytest.raises(NotImplementedError, match="attention masks"):
-        fn(q, k, v, attn_mask=mask, _parallel_config=cp)
+    with pytest.raises(NotImplementedError, match="return_lse"):
+        fn(q, k, v, return_lse=True, _parallel_config=cp)
     with pytest.raises(NotImplementedError, match="dropout_p"):
         fn(q, k, v, dropout_p=0.1)
 
