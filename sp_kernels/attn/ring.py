@@ -47,7 +47,7 @@ from ..distributed.comm import RingComm, StreamOrderedComm, TorchRingComm, check
 from ..distributed.parallel_state import SPState, get_sp_state
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
-from .local import lse_dtype
+from .local import block_attention, lse_dtype
 from .mask import BlockMask, FullMask, attend_block
 from .merge import merge_all, merge_into
 
@@ -197,6 +197,17 @@ class _MergeAll:
             merge_all_into(self.parts, dest, self.dtype)
 
 
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, mask: BlockMask | None, causal: bool | None = None
+) -> tuple[Tensor, Tensor]:
+    """One block: ``block_attention`` (looked up here, so tests can wrap it) without a mask, else ``attend_block``."""
+    if mask is not None:
+        return attend_block(q, k, v, scale, mask)
+    if causal is None:
+        return block_attention(q, k, v, softmax_scale=scale)
+    return block_attention(q, k, v, softmax_scale=scale, causal=causal)
+
+
 def ring_core(
     q: Tensor,
     k: Tensor,
@@ -279,19 +290,17 @@ def ring_core(
             if step == 0 and joint is not None:
                 # Joint K/V are local: computed while the first transfer is already in flight.
                 if seq_sees_joint and has_q:
-                    local.add(*attend_block(q, joint.key, joint.value, scale, blk(q_rows, None)))
-                joint_parts.append(
-                    attend_block(joint.query, joint.key, joint.value, scale, blk(j_rows, None), causal=causal)
-                )
+                    local.add(*_attend(q, joint.key, joint.value, scale, blk(q_rows, None)))
+                joint_parts.append(_attend(joint.query, joint.key, joint.value, scale, blk(j_rows, None), causal))
             if step == 0:
                 kb, vb = k, v
             else:
                 kv = _kv_view(bufs[step % 2], B, valid[src], Hkv, D)
                 kb, vb = kv[0], kv[1]
             if valid[src] and has_q and (not causal or src <= rank):
-                local.add(*attend_block(q, kb, vb, scale, blk(q_rows, src), causal=causal and src == rank))
+                local.add(*_attend(q, kb, vb, scale, blk(q_rows, src), causal and src == rank))
             if joint_in_ring and valid[src]:
-                joint_by_src[src] = attend_block(joint.query, kb, vb, scale, blk(j_rows, src))  # type: ignore[union-attr]
+                joint_by_src[src] = _attend(joint.query, kb, vb, scale, blk(j_rows, src))  # type: ignore[union-attr]
             if handle is not None:
                 done, handle = handle, None
                 comm.wait(done)
