@@ -425,7 +425,7 @@ def peers_loop(q: Tensor, k: Tensor, v: Tensor, W: int, scale: float) -> Tensor:
 def ours_loop(q: Tensor, k: Tensor, v: Tensor, W: int, scale: float, merge: str, comm: object, cache: dict) -> Tensor:
     out = torch.empty_like(q)
     engine = ring.RingEngine(merge=merge, comm_stream=True)
-    ring.ring_core(q, k, v, lens=[q.shape[1]] * W, comm=comm, scale=scale, causal=False, joint=None,
+    ring.ring_core(q, k, v, valid=[q.shape[1]] * W, comm=comm, scale=scale, causal=False, joint=None,
                    out_seq=out, out_joint=None, cache=cache, engine=engine)  # type: ignore[arg-type]
     return out
 
@@ -507,7 +507,7 @@ def bench_loop(run: Run) -> None:
                 ],
             }
             for merge in ("step", "all"):
-                fns[f"ours ({merge} merge)"] = lambda q=q, k=k, v=v, W=W, m=merge, c=null, cache=cache: ours_loop(
+                fns[f"ours (merge={merge})"] = lambda q=q, k=k, v=v, W=W, m=merge, c=null, cache=cache: ours_loop(
                     q, k, v, W, scale, m, c, cache
                 )
             fns["peers (sigmoid merge, alloc per step)"] = lambda q=q, k=k, v=v, W=W: peers_loop(q, k, v, W, scale)

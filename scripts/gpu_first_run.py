@@ -386,7 +386,7 @@ class FakeRingComm:
 
 @dataclass(frozen=True)
 class RingCase:
-    lens: tuple[int, ...]
+    lens: tuple[int, ...]  # valid rows of each ring block
     Hq: int
     Hkv: int
     D: int
@@ -447,7 +447,7 @@ def run_ring_case(
             comm = FakeRingComm(r, blocks, comm_delay, skew)
             out = torch.full((B, n, case.Hq, case.D), float("nan"), dtype=case.dtype, device=device)
             ring.ring_core(q[:, o : o + n].contiguous(), k[:, o : o + n].contiguous(), v[:, o : o + n].contiguous(),
-                           lens=list(case.lens), comm=comm, scale=scale, causal=case.causal, joint=None,
+                           valid=list(case.lens), comm=comm, scale=scale, causal=case.causal, joint=None,
                            out_seq=out, out_joint=None, cache=cache, engine=engine)  # fmt: skip
             outs.append(out)
             comms.append(comm)
