@@ -17,9 +17,10 @@ pytestmark = pytest.mark.skipif(
     reason="diffusers is not installed (scripts/setup.sh installs it); the drop-in integration needs it",
 )
 
-def _dropin_cases(cases: list[tuple[str, str, int, int]]) -> list[dict]:
-    """Rank side: for each (family, backend, ring_degree, ulysses_degree) run the model on one process with
-    diffusers' native attention, then under diffusers' context parallelism with our backend.
+def _dropin_cases(cases: list[tuple]) -> list[dict]:
+    """Rank side: for each (family, backend, ring_degree, ulysses_degree[, "holes"]) run the model on one process
+    with diffusers' native attention, then under diffusers' context parallelism with our backend. "holes": a
+    batch of two prompts of different lengths whose masks have holes (tests/test_diffusers_masks.py).
     ``return_dict=False``: diffusers' CP output hook rejects its own output dataclass at a root key."""
     import logging
 
@@ -48,8 +49,13 @@ def _dropin_cases(cases: list[tuple[str, str, int, int]]) -> list[dict]:
     results = []
     try:
         integration.register()
-        for family, backend, ring_degree, ulysses_degree in cases:
-            inputs = diffusers_tiny.make_inputs(family, 16 if family == "flux" else 24, text_tokens=8, seed=3)
+        for family, backend, ring_degree, ulysses_degree, *extra in cases:
+            if extra:
+                from tests.test_diffusers_masks import batched_inputs
+
+                inputs = batched_inputs(family, 24, 8)
+            else:
+                inputs = diffusers_tiny.make_inputs(family, 16 if family == "flux" else 24, text_tokens=8, seed=3)
             with torch.no_grad():
                 model = diffusers_tiny.build(family, seed=11)
                 single = model(**inputs, return_dict=False)[0]
@@ -91,6 +97,16 @@ def test_dropin_matches_single_process(rank_pool, world_size):
             assert (res["posts"] > 0) == (ring_degree > 1), (backend, rank, res)
             if ring_degree > 1:
                 assert res["posts"] == 2 * (ring_degree - 1), (backend, rank, res)
+
+
+def test_dropin_prompt_masks_with_holes(rank_pool):
+    """Qwen-Image under diffusers' own CP (its _cp_plan shards the prompt and its mask too): the mask each
+    rank's processor builds over its rows is all-gathered with the keys (issue 15)."""
+    cases = [("qwen", "fused_ring", 2, 1, "holes"), ("qwen", "sp_ulysses", 1, 2, "holes")]
+    per_rank = rank_pool(2).run(_dropin_cases, cases)
+    for i, case in enumerate(cases):
+        for rank, res in enumerate(r[i] for r in per_rank):
+            assert res["shape_ok"] and res["err"] < 1e-5 and res["local_err"] < 1e-5, (case, rank, res)
 
 
 def test_registration_and_lazy_import():
