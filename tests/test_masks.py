@@ -188,3 +188,17 @@ def test_end_cut_takes_maskless_kernel(monkeypatch):
     out = attention(q, k, v, key_padding_mask=keep)
     bias = torch.zeros(2, 1, 1, 7, dtype=torch.float64).masked_fill(~keep[:, None, None], float("-inf"))
     assert (out - reference(q, k, v, bias[:, 0], 8**-0.5, None, "front")).abs().max() < 1e-12
+
+
+def test_bench_masks_quick():
+    """benchmarks/bench_masks.py --quick runs end to end (so the benchmark cannot rot)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_masks.py"), "--quick"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert "holes / none" in lines[-4] and lines[-2].startswith("ulysses") and lines[-1].startswith("ring"), lines

@@ -6,8 +6,10 @@ passes, say, a different head count makes *all* ranks raise the same ValueError 
 the others blocked in an all-to-all. The per-rank row counts come back too: the ring needs them
 for shards of unequal length.
 
-A rank that cannot run the call (``refusal``, e.g. an integration meeting a mask it cannot
-honour) says so in the same exchange, so every rank raises instead of the others blocking.
+A rank that cannot run the call (``refusal``: a reason, or the exception it raises, e.g. a mask of
+the wrong dtype) says so in the same exchange, so every rank raises instead of the others blocking.
+Each rank's mask shape and a checksum of its content ride along (attn/mask.py decides the mask's
+frame from them, and raises on every rank when ranks passed different full-frame masks).
 
 Cost: one all-gather of ~16 int64 per call, over the SP state's host-side group (gloo, on CPU
 tensors, even when the SP group is NCCL: no GPU synchronization). It cannot be switched off: the
