@@ -202,3 +202,15 @@ def test_bench_masks_quick():
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.splitlines()
     assert "holes / none" in lines[-4] and lines[-2].startswith("ulysses") and lines[-1].startswith("ring"), lines
+
+
+def test_kernel_without_mask_support_declines():
+    from sp_kernels.attn.local import NoKernelError
+
+    q, k, v = random_qkv(2, 1, 4, 2, 2, 8, torch.float32)
+    bias = torch.zeros(1, 1, 1, 4)
+    bias[..., 1] = float("-inf")
+    with pytest.raises(NoKernelError, match=r"with an attention mask.*\n.*cudnn: takes no attention mask"):
+        block_attention(q, k, v, bias=bias, kernels=["cudnn"])
+    with pytest.raises(ValueError, match=r"bias has shape \(1, 1, 1, 3\)"):
+        block_attention(q, k, v, bias=bias[..., :3])
