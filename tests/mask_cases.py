@@ -248,3 +248,36 @@ def bad_input(cases: list[dict]) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - what every rank raised is the result
             out.append({"type": type(e).__name__, "msg": str(e)})
     return out
+
+
+def kernel_choice(cases: list[dict]) -> list[dict]:
+    """Rank side: run each case counting masked-kernel runs and Ulysses' two-block split (per case)."""
+    from sp_kernels.attn import local, ulysses
+
+    counts = {"masked": 0, "split": 0}
+    real_kernels, real_merge = list(local._KERNELS), ulysses.merge_all
+
+    def counted(run):
+        def fn(*a, **k):
+            counts["masked"] += 1
+            return run(*a, **k)
+        return fn
+
+    def merge(*a, **k):
+        counts["split"] += 1
+        return real_merge(*a, **k)
+
+    local._KERNELS[:] = [local.BlockKernel(kn.name, kn.decline, kn.run, counted(kn.run_masked) if kn.run_masked else None)
+                         for kn in real_kernels]
+    ulysses.merge_all = merge
+    out = []
+    try:
+        for case in cases:
+            counts.update(masked=0, split=0)
+            res = run_cases([case])[0]
+            res.pop("joint", None)
+            out.append({**res, **counts})
+    finally:
+        local._KERNELS[:] = real_kernels
+        ulysses.merge_all = real_merge
+    return out

@@ -214,3 +214,23 @@ def test_kernel_without_mask_support_declines():
         block_attention(q, k, v, bias=bias, kernels=["cudnn"])
     with pytest.raises(ValueError, match=r"bias has shape \(1, 1, 1, 3\)"):
         block_attention(q, k, v, bias=bias[..., :3])
+
+
+def test_kernel_choice_per_mask_shape(rank_pool):
+    """End cuts (and a padded prompt in joint attention) run the maskless kernels under every backend;
+    only holes take a masked kernel."""
+    from tests.mask_cases import kernel_choice
+
+    base = dict(batch=2, seq=9, heads=2, kv_heads=2, head_dim=8, dtype="float64", mode="pad", form="kpm",
+                frame="full", joint=3, strategy="front")
+    cases = []
+    for i, (backend, deg) in enumerate((("ulysses", (2, 1)), ("ring", (1, 2)), ("usp", (2, 1)))):
+        for kind, masked in (("text_endcut", False), ("endcut", False), ("holes", True)):
+            cases.append(dict(base, backend=backend, degrees=deg, kind=kind, seed=900 + 10 * i, expect=masked))
+    per_rank = rank_pool(2).run(kernel_choice, cases)
+    for i, case in enumerate(cases):
+        for rank, res in enumerate(r[i] for r in per_rank):
+            assert "error" not in res and res["err"] <= res["tol"], (case, res)
+            assert (res["masked"] > 0) == case["expect"], (case, rank, res)
+            if case["backend"] == "ulysses" and case["kind"] == "text_endcut":
+                assert res["split"] == 1, (case, rank, res)
