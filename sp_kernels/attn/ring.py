@@ -257,15 +257,18 @@ def ring_core(
     joint_by_src: dict[int, tuple[Tensor, Tensor]] = {}
     starts = [sum(valid[:r]) for r in range(R)]
 
-    def blk(rows: tuple[int, int] | None, src: int | None) -> BlockMask | None:
-        """The mask of query ``rows`` over ring block ``src`` (None: the joint block)."""
-        if mask is None:
-            return None
-        cols = mask.joint_span() if src is None else mask.seq_span(starts[src], valid[src])
-        return mask.block(rows, cols)
+    # Every block's mask is classified before the loop: classifying reads the mask back to the host,
+    # which inside the loop would stall the overlap of transfers and compute on a GPU.
+    blocks: dict[tuple[str, int | None], BlockMask | None] = {}
+    if mask is not None:
+        for who, rows in (("q", mask.seq_span(starts[rank], n)), ("joint", mask.joint_span())):
+            blocks[who, None] = mask.block(rows, mask.joint_span())
+            for src in range(R):
+                blocks[who, src] = mask.block(rows, mask.seq_span(starts[src], valid[src]))
 
-    q_rows = mask.seq_span(starts[rank], n) if mask is not None else None
-    j_rows = mask.joint_span() if mask is not None else None
+    def blk(who: str, src: int | None) -> BlockMask | None:
+        """The mask of ``who``'s queries ("q" or "joint") over ring block ``src`` (None: the joint block)."""
+        return blocks.get((who, src))
 
     stream = None
     if R > 1:
@@ -290,17 +293,17 @@ def ring_core(
             if step == 0 and joint is not None:
                 # Joint K/V are local: computed while the first transfer is already in flight.
                 if seq_sees_joint and has_q:
-                    local.add(*_attend(q, joint.key, joint.value, scale, blk(q_rows, None)))
-                joint_parts.append(_attend(joint.query, joint.key, joint.value, scale, blk(j_rows, None), causal))
+                    local.add(*_attend(q, joint.key, joint.value, scale, blk("q", None)))
+                joint_parts.append(_attend(joint.query, joint.key, joint.value, scale, blk("joint", None), causal))
             if step == 0:
                 kb, vb = k, v
             else:
                 kv = _kv_view(bufs[step % 2], B, valid[src], Hkv, D)
                 kb, vb = kv[0], kv[1]
             if valid[src] and has_q and (not causal or src <= rank):
-                local.add(*_attend(q, kb, vb, scale, blk(q_rows, src), causal and src == rank))
+                local.add(*_attend(q, kb, vb, scale, blk("q", src), causal and src == rank))
             if joint_in_ring and valid[src]:
-                joint_by_src[src] = _attend(joint.query, kb, vb, scale, blk(j_rows, src))  # type: ignore[union-attr]
+                joint_by_src[src] = _attend(joint.query, kb, vb, scale, blk("joint", src))  # type: ignore[union-attr]
             if handle is not None:
                 done, handle = handle, None
                 comm.wait(done)
