@@ -51,6 +51,11 @@ def mask_cases(P: int) -> list[dict]:
                 if kind == "text_endcut" and not joint:
                     case["joint"] = 3
                 cases.append(case)
+        for kind, form in (("holes", "additive"), ("text_endcut", "kpm")):  # bf16: within 3x of one process
+            seed += 10
+            cases.append(dict(backend=backend, degrees=deg, batch=2, seq=4 * P + 3, heads=4, kv_heads=2, head_dim=16,
+                              dtype="bfloat16", mode="pad", seed=seed, kind=kind, form=form, frame="local", joint=3,
+                              strategy="front" if kind == "holes" else "rear"))
         if deg[0] == 1:  # ring-only: unequal shard lengths without padding, an empty shard
             lengths = [3 + 2 * r for r in range(P)]
             lengths[0] = 0
