@@ -145,6 +145,9 @@ def test_local_attention_with_masks_matches_sdpa():
                dict(attn_mask=torch.zeros(2, 1, 1, 9, dtype=torch.float64).masked_fill(~keep[:, None, None], -1e30))):
         out = attention(q, k, v, **kw)
         assert (out - want).abs().max() < 1e-12, kw
+    from sp_kernels.attn import Attention
+
+    assert (Attention()(q, k, v, key_padding_mask=keep) - want).abs().max() < 1e-12
     # Per-head masks run on the local path.
     per_head = torch.rand(2, 4, 9, 9, generator=torch.Generator().manual_seed(2)) < 0.7
     per_head[..., 0] = True

@@ -449,6 +449,8 @@ class Attention(nn.Module):
         joint_query: Tensor | None = None,
         joint_key: Tensor | None = None,
         joint_value: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
     ) -> Tensor:
         return attention(
             query,
@@ -461,6 +463,8 @@ class Attention(nn.Module):
             joint_key=joint_key,
             joint_value=joint_value,
             joint_strategy=self.joint_strategy,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
         )
 
     def extra_repr(self) -> str:
