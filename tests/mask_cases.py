@@ -267,7 +267,7 @@ def kernel_choice(cases: list[dict]) -> list[dict]:
     from sp_kernels.attn import local, ulysses
 
     counts = {"masked": 0, "split": 0}
-    real_kernels, real_merge = list(local._KERNELS), ulysses.merge_all
+    real_kernels, real_merge = list(local._KERNELS), ulysses.lse_merge_all_torch
 
     def counted(run):
         def fn(*a, **k):
@@ -281,7 +281,7 @@ def kernel_choice(cases: list[dict]) -> list[dict]:
 
     local._KERNELS[:] = [local.BlockKernel(kn.name, kn.decline, kn.run, counted(kn.run_masked) if kn.run_masked else None)
                          for kn in real_kernels]
-    ulysses.merge_all = merge
+    ulysses.lse_merge_all_torch = merge
     out = []
     try:
         for case in cases:
@@ -291,5 +291,5 @@ def kernel_choice(cases: list[dict]) -> list[dict]:
             out.append({**res, **counts})
     finally:
         local._KERNELS[:] = real_kernels
-        ulysses.merge_all = real_merge
+        ulysses.lse_merge_all_torch = real_merge
     return out

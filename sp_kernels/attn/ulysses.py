@@ -31,11 +31,11 @@ import torch.distributed as dist
 
 from ..distributed.comm import all_to_all
 from ..ops import pack as pack_ops
+from ..ops.merge import lse_merge_all_torch
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
 from .local import block_attention, lse_dtype
 from .mask import FullMask, attend_block
-from .merge import merge_all
 
 Tensor = torch.Tensor
 
@@ -250,7 +250,8 @@ def _masked(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: FullMask) -> Te
     if any(p is not None and p.bias is not None for p in parts):
         return attend_block(q, k, v, scale, whole)[0]
     outs = [attend_block(q, k[:, a:b], v[:, a:b], scale, p) for (a, b), p in zip(spans, parts)]
-    return merge_all(outs, lse_dtype(q.dtype))[0].to(q.dtype)
+    # The eager merge: a rare path (one extra pass), and fp64-exact for fp64 inputs.
+    return lse_merge_all_torch([o for o, _ in outs], [lse for _, lse in outs], q.dtype, lse_dtype(q.dtype))[0]
 
 
 def ulysses_attention(call: AttentionCall, valid: list[int]) -> Tensor:
