@@ -51,6 +51,11 @@ def mask_cases(P: int) -> list[dict]:
                 if kind == "text_endcut" and not joint:
                     case["joint"] = 3
                 cases.append(case)
+        for kind, form, frame in (("holes", "kpm", "local"), ("query", "bool", "full"), ("dead_sample", "kpm", "full")):
+            seed += 10  # S < P: whole shards of padding
+            cases.append(dict(backend=backend, degrees=deg, batch=2, seq=max(1, P - 1), heads=4, kv_heads=2,
+                              head_dim=8, dtype="float64", mode="pad", seed=seed, kind=kind, form=form, frame=frame,
+                              joint=2, strategy="rear"))
         for kind, form in (("holes", "additive"), ("text_endcut", "kpm")):  # bf16: within 3x of one process
             seed += 10
             cases.append(dict(backend=backend, degrees=deg, batch=2, seq=4 * P + 3, heads=4, kv_heads=2, head_dim=16,
