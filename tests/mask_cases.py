@@ -293,3 +293,42 @@ def kernel_choice(cases: list[dict]) -> list[dict]:
         local._KERNELS[:] = real_kernels
         ulysses.lse_merge_all_torch = real_merge
     return out
+
+
+def memo_check() -> dict:
+    """Rank side: three calls in one forward with local-frame masks (the same, the same again, another):
+    the all-gather of the mask runs for the first and the third only, and every output matches the
+    reference."""
+    import sp_kernels.attn as attn_mod
+
+    P, rank = dist.get_world_size(), dist.get_rank()
+    state = init_sequence_parallel(SequenceParallelConfig(ulysses_degree=1, ring_degree=P))
+    B, S, H, D = 2, 4 * P, 2, 8
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, S, H, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    keep = torch.rand(B, S, generator=gen) < 0.6
+    keep[:, 0] = True
+    other = keep.clone()
+    other[:, -1] = ~other[:, -1]
+    n = S // P
+    sl = slice(rank * n, (rank + 1) * n)
+    real, gathers = attn_mod._all_gather_cat, []
+
+    def counting(*a, **kw):
+        gathers.append(1)
+        return real(*a, **kw)
+
+    attn_mod._all_gather_cat = counting
+    counts, errs = [], []
+    try:
+        with sp_forward_context(state) as ctx, torch.no_grad():
+            ctx.sharded = True
+            for m in (keep, keep.clone(), other):
+                before = len(gathers)
+                out = attention(q[:, sl], k[:, sl], v[:, sl], backend="ring", key_padding_mask=m[:, sl])
+                counts.append(len(gathers) - before)
+                bias = torch.zeros(B, 1, S, dtype=torch.float64).masked_fill(~m[:, None], float("-inf"))
+                errs.append((out - reference(q, k, v, bias, D**-0.5, None, "front")[:, sl]).abs().max().item())
+    finally:
+        attn_mod._all_gather_cat = real
+    return {"counts": counts, "err": max(errs)}

@@ -247,3 +247,10 @@ def test_kernel_choice_per_mask_shape(rank_pool):
             assert (res["masked"] > 0) == case["expect"], (case, rank, res)
             if case["backend"] == "ulysses" and case["kind"] == "text_endcut":
                 assert res["split"] == 1, (case, rank, res)
+
+
+def test_local_frame_mask_gathered_once_per_forward(rank_pool):
+    from tests.mask_cases import memo_check
+
+    for res in rank_pool(2).run(memo_check):
+        assert res["counts"] == [1, 0, 1] and res["err"] < 1e-12, res

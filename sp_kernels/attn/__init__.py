@@ -227,17 +227,27 @@ def _exchange(
     return rows
 
 
-def _with_full_mask(call: AttentionCall, bias: Tensor, rows: list[tuple[int, ...]]) -> AttentionCall:
-    """``call`` with its mask in the full frame (a local-frame mask all-gathered over the SP group)."""
+def _with_full_mask(
+    call: AttentionCall, bias: Tensor, rows: list[tuple[int, ...]], ctx: SPContext
+) -> AttentionCall:
+    """``call`` with its mask in the full frame (a local-frame mask all-gathered over the SP group).
+
+    Kept for the forward (models hand every layer the same mask), keyed by what every rank exchanged
+    (each rank's mask shape and checksum, the rows, the joint tokens): every rank hits or misses alike,
+    so they all take the all-gather of a local-frame mask, or none does."""
     state = call.state
     joint = call.joint
+    J = joint.length if joint is not None else 0
+    front = joint is None or joint.strategy == "front"
+    key = (tuple(rows), J, front, str(bias.dtype), str(bias.device))
+    memo = ctx.memo.setdefault("full_masks", {})
+    if key not in memo:
 
-    def gather(t: Tensor, dim: int) -> Tensor:
-        return _all_gather_cat(t, dim, state.sp_group, state.sp_size, state.host_group)
+        def gather(t: Tensor, dim: int) -> Tensor:
+            return _all_gather_cat(t, dim, state.sp_group, state.sp_size, state.host_group)
 
-    full = full_frame(bias, rows, joint=joint.length if joint is not None else 0,
-                      front=joint is None or joint.strategy == "front", gather=gather)
-    return dataclasses.replace(call, mask=full)
+        memo[key] = full_frame(bias, rows, joint=J, front=front, gather=gather)
+    return dataclasses.replace(call, mask=memo[key])
 
 
 def _gather_rows(t: Tensor, dim: int, layout: ShardLayout, state: SPState) -> Tensor:
@@ -369,7 +379,7 @@ def sharded_attention(
     try:
         rows = _exchange(call, name, reason, bias)
         if bias is not None:
-            call = _with_full_mask(call, bias, rows)
+            call = _with_full_mask(call, bias, rows, ctx)
         return backend_function(name)(call, [r[1] for r in rows])
     except BaseException as e:
         # Another rank may now wait in a collective this one left: later calls must not cross with it.

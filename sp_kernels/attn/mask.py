@@ -26,7 +26,7 @@ lengths: the maskless kernels on each sample's valid prefix), or general (a mask
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -124,12 +124,16 @@ def _attn_mask_bias(mask: object, *, batch: int, heads: int, dtype: torch.dtype,
 
 
 def checksum(bias: Tensor) -> int:
-    """A cheap content hash of a bias (int64 bits of a float64), equal on ranks holding equal masks."""
+    """A cheap content hash of a bias (int64 bits of a float64), equal on ranks holding equal masks.
+
+    A weighted sum with a pseudo-random weight per position (Knuth's multiplicative hash of the index),
+    so that masks differing by a moved hole or a shifted cut do not collide."""
     flat = bias.detach().reshape(-1).to(torch.float64)
     dead = torch.isneginf(flat)
     vals = torch.where(dead, torch.full_like(flat, -7.25), flat)
-    w = (torch.arange(flat.numel(), device=flat.device, dtype=torch.float64) % 1021) + 1.0
-    h = float((vals * w).sum()) + 0.5 * float((dead.to(torch.float64) * w.sqrt()).sum())
+    idx = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+    w = ((idx * 2654435761) % 4294967296).to(torch.float64) / 4294967296.0 + 0.5
+    h = float((vals * w).sum()) + 0.5 * float((dead.to(torch.float64) * w.sqrt()).sum()) + 1e-3 * flat.numel()
     return struct.unpack("<q", struct.pack("<d", h))[0]
 
 
@@ -150,12 +154,14 @@ class BlockMask:
 
 @dataclass(frozen=True)
 class FullMask:
-    """A bias in the full frame of a call: rows/cols ``[joint | seq]`` ("front") or ``[seq | joint]``."""
+    """A bias in the full frame of a call: rows/cols ``[joint | seq]`` ("front") or ``[seq | joint]``.
+    Block classifications are kept (``blocks``): models hand every layer the same mask."""
 
     bias: Tensor  # [Bm, Hm, Qm, J + S]
     joint: int
     front: bool
     seq: int
+    blocks: dict = field(default_factory=dict, compare=False, repr=False)
 
     def joint_span(self) -> tuple[int, int]:
         return (0, self.joint) if self.front else (self.seq, self.seq + self.joint)
@@ -166,10 +172,13 @@ class FullMask:
 
     def block(self, rows: tuple[int, int] | None, cols: tuple[int, int]) -> BlockMask | None:
         """The mask of query rows ``rows`` (None: all) over key columns ``cols``; None when it excludes nothing."""
-        b = self.bias[..., cols[0] : cols[1]]
-        if b.shape[2] > 1 and rows is not None:
-            b = b[:, :, rows[0] : rows[1]]
-        return classify(b)
+        key = (rows if self.bias.shape[2] > 1 else None, cols)
+        if key not in self.blocks:
+            b = self.bias[..., cols[0] : cols[1]]
+            if b.shape[2] > 1 and rows is not None:
+                b = b[:, :, rows[0] : rows[1]]
+            self.blocks[key] = classify(b)
+        return self.blocks[key]
 
 
 def classify(b: Tensor) -> BlockMask | None:
