@@ -17,9 +17,10 @@ pytestmark = pytest.mark.skipif(
     reason="diffusers is not installed (scripts/setup.sh installs it); the drop-in integration needs it",
 )
 
-def _dropin_cases(cases: list[tuple[str, str, int, int]]) -> list[dict]:
-    """Rank side: for each (family, backend, ring_degree, ulysses_degree) run the model on one process with
-    diffusers' native attention, then under diffusers' context parallelism with our backend.
+def _dropin_cases(cases: list[tuple]) -> list[dict]:
+    """Rank side: for each (family, backend, ring_degree, ulysses_degree[, "holes"]) run the model on one process
+    with diffusers' native attention, then under diffusers' context parallelism with our backend. "holes": a
+    batch of two prompts of different lengths whose masks have holes (tests/test_diffusers_masks.py).
     ``return_dict=False``: diffusers' CP output hook rejects its own output dataclass at a root key."""
     import logging
 
@@ -48,8 +49,13 @@ def _dropin_cases(cases: list[tuple[str, str, int, int]]) -> list[dict]:
     results = []
     try:
         integration.register()
-        for family, backend, ring_degree, ulysses_degree in cases:
-            inputs = diffusers_tiny.make_inputs(family, 16 if family == "flux" else 24, text_tokens=8, seed=3)
+        for family, backend, ring_degree, ulysses_degree, *extra in cases:
+            if extra:
+                from tests.test_diffusers_masks import batched_inputs
+
+                inputs = batched_inputs(family, 24, 8)
+            else:
+                inputs = diffusers_tiny.make_inputs(family, 16 if family == "flux" else 24, text_tokens=8, seed=3)
             with torch.no_grad():
                 model = diffusers_tiny.build(family, seed=11)
                 single = model(**inputs, return_dict=False)[0]
@@ -93,6 +99,16 @@ def test_dropin_matches_single_process(rank_pool, world_size):
                 assert res["posts"] == 2 * (ring_degree - 1), (backend, rank, res)
 
 
+def test_dropin_prompt_masks_with_holes(rank_pool):
+    """Qwen-Image under diffusers' own CP (its _cp_plan shards the prompt and its mask too): the mask each
+    rank's processor builds over its rows is all-gathered with the keys (issue 15)."""
+    cases = [("qwen", "fused_ring", 2, 1, "holes"), ("qwen", "sp_ulysses", 1, 2, "holes")]
+    per_rank = rank_pool(2).run(_dropin_cases, cases)
+    for i, case in enumerate(cases):
+        for rank, res in enumerate(r[i] for r in per_rank):
+            assert res["shape_ok"] and res["err"] < 1e-5 and res["local_err"] < 1e-5, (case, rank, res)
+
+
 def test_registration_and_lazy_import():
     # Importing sp_kernels must not import diffusers; the integration module does.
     code = (
@@ -121,12 +137,13 @@ def test_unsupported_arguments_raise(monkeypatch):
     mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
     mask[..., -2:] = False
     cp = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
-    # A state without process groups: the refusal travels through the (here one-rank) agreement exchange,
-    # which is how every rank of a real group raises it together.
+    # A state without process groups: a refusal travels through the (here one-rank) agreement exchange,
+    # which is how every rank of a real group raises it together. (Masks run under context parallelism
+    # since issue 15: tests/test_diffusers_masks.py.)
     state = SPState(config=SequenceParallelConfig(ring_degree=2))
     monkeypatch.setattr(diffusers_integration, "sp_state_for", lambda cp_config: state)
-    with pytest.raises(NotImplementedError, match="attention masks"):
-        fn(q, k, v, attn_mask=mask, _parallel_config=cp)
+    with pytest.raises(NotImplementedError, match="return_lse"):
+        fn(q, k, v, return_lse=True, _parallel_config=cp)
     with pytest.raises(NotImplementedError, match="dropout_p"):
         fn(q, k, v, dropout_p=0.1)
 

@@ -121,3 +121,55 @@ def test_vllm_omni_plan_shapes_exact(rank_pool, world):
             assert res["err"] < 1e-10, res
             if res["case"][0].startswith("av"):
                 assert res["outputs"] == 2, res  # video and audio, each gathered
+
+
+class TextLensModel(nn.Module):
+    """Z-Image / Ernie-Image style (issue 15): a batch of prompts of different lengths (``text_lens``), the
+    text replicated as joint tokens, and a per-sample key mask the model builds from the lengths over the
+    rows it sees: ``[text mask | ones(image rows)]`` (under SP: this rank's image rows, the local frame).
+    ``hole`` also masks text token 1 of sample 0 (a mask that is not an end cut)."""
+
+    _sp_plan = {
+        "": {"x": SequenceParallelInput(1, expected_dims=3, auto_pad=True)},
+        "proj_out": SequenceParallelOutput(1, expected_dims=3),
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.txt_qkv = nn.Linear(8, 24)
+        self.proj_out = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_lens: torch.Tensor, hole: bool = False) -> torch.Tensor:
+        B, S, _ = x.shape
+        T = text.shape[1]
+        q, k, v = (t.view(B, S, 2, 4) for t in self.qkv(x).chunk(3, dim=-1))
+        jq, jk, jv = (t.view(B, T, 2, 4) for t in self.txt_qkv(text).chunk(3, dim=-1))
+        keep = torch.arange(T)[None] < text_lens[:, None]
+        if hole:
+            keep[0, 1] = False
+        keep = torch.cat([keep, torch.ones(B, S, dtype=torch.bool)], dim=1)
+        out = sp_kernels.attention(q, k, v, joint_query=jq, joint_key=jk, joint_value=jv, key_padding_mask=keep)
+        return self.proj_out(x + out[:, T:].flatten(2))
+
+
+def run_text_lens() -> list[float]:
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    model = TextLensModel().double()
+    errs = []
+    for seq, hole in ((4 * world, False), (4 * world + 1, True)):
+        g = torch.Generator().manual_seed(seq)
+        x = torch.randn(3, seq, 8, generator=g, dtype=torch.float64)
+        text = torch.randn(3, 6, 8, generator=g, dtype=torch.float64)
+        lens = torch.tensor([6, 4, 2])
+        with torch.no_grad():
+            ref = model(x, text, lens, hole)
+        for backend in BACKENDS:
+            errs.append((_sp_forward(model, backend, x, text, lens, hole) - ref).abs().max().item())
+    return errs
+
+
+def test_text_lengths_per_sample_as_key_mask(rank_pool):
+    for errs in rank_pool(2).run(run_text_lens):
+        assert len(errs) == 2 * len(BACKENDS) and max(errs) < 1e-10, errs

@@ -11,11 +11,11 @@ and their implementations: the table in sp_kernels/attn/backends.py. See docs/at
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..distributed.parallel_state import SPState
 from ..plan.context import ShardLayout, SPContext, current_context
@@ -32,6 +32,7 @@ from .backends import (
 )
 from .call import AttentionCall, Joint, validate_inputs
 from .local import NoKernelError, block_attention, block_kernel_names, register_block_kernel
+from .mask import attend_block, checksum, classify, describe, full_frame, normalize_mask
 
 Tensor = torch.Tensor
 
@@ -66,21 +67,31 @@ def _join(query: Tensor, key: Tensor, value: Tensor, joint: Joint | None) -> tup
 
 def _local(
     query: Tensor, key: Tensor, value: Tensor, scale: float, causal: bool, joint: Joint | None,
-    mask: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """Attention on the tensors given (joint rows joined in strategy order); a mask goes to torch SDPA."""
+    """Attention on the tensors given (joint rows joined in strategy order); ``bias`` is an additive mask
+    (attn/mask.py) over the joined keys (and queries, when it has a query dim)."""
     query, key, value = _join(query, key, value, joint)
-    if mask is None:
+    if bias is not None:
+        _check_local_bias(bias, query.shape[1], key.shape[1])
+        if bool((bias == 0).all()):
+            bias = None
+    if bias is None:
         out, _ = block_attention(query, key, value, softmax_scale=scale, causal=causal)
         return out.contiguous()
-    hq, hk = query.shape[2], key.shape[2]
-    if hk != hq:
-        key, value = (t.repeat_interleave(hq // hk, dim=2) for t in (key, value))
-    out = F.scaled_dot_product_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, is_causal=causal,
-        scale=scale,
-    )
-    return out.transpose(1, 2).contiguous()
+    if causal:
+        raise ValueError(f"attention: an attention mask {list(bias.shape)} together with causal=True is not supported; "
+                         "put the causal mask into attn_mask")
+    out, _ = attend_block(query, key, value, scale, classify(bias))
+    return out.contiguous()
+
+
+def _check_local_bias(bias: Tensor, q_rows: int, k_rows: int) -> None:
+    if bias.shape[-1] != k_rows or bias.shape[2] not in (1, q_rows):
+        raise ValueError(
+            f"attention: the mask (as [batch, heads, queries, keys]: {list(bias.shape)}) does not fit {q_rows} queries "
+            f"over {k_rows} keys (joint tokens included); expected [.., 1 or {q_rows}, {k_rows}]"
+        )
 
 
 def _split_replicated(
@@ -189,11 +200,21 @@ def _check_degrees(name: str, state: SPState) -> None:
         )
 
 
-def _valid_rows(call: AttentionCall, name: str, refusal: str | None) -> list[int]:
-    """Valid rows of every SP rank, exchanged together with the call's metadata (checked across ranks)."""
+def _exchange(
+    call: AttentionCall, name: str, refusal: str | BaseException | None, bias: Tensor | None = None
+) -> list[tuple[int, ...]]:
+    """Every SP rank's (local rows, valid rows, mask fields), exchanged together with the call's metadata
+    (checked across ranks)."""
     state = call.state
     P, U = state.sp_size, state.ulysses_size
-    rows = exchange_rows(call, state.host_group, list(BACKEND_NAMES), refusal)
+    mask = describe(bias) + [checksum(bias) if bias is not None else 0]
+    rows = exchange_rows(call, state.host_group, list(BACKEND_NAMES), refusal, mask)
+    present = [r[2] for r in rows]
+    if len(set(present)) > 1:
+        raise ValueError(
+            f"attention (backend {name!r}): sp rank(s) {[i for i, p in enumerate(present) if p]} passed an attention "
+            f"mask and rank(s) {[i for i, p in enumerate(present) if not p]} did not; every rank must pass one, or none"
+        )
     if U > 1:
         for g in range(P // U):
             local = [rows[g * U + u][0] for u in range(U)]
@@ -203,7 +224,30 @@ def _valid_rows(call: AttentionCall, name: str, refusal: str | None) -> list[int
                     f"group, got {local} on sp ranks {g * U}..{g * U + U - 1}; shard with auto_pad "
                     "(sp_shard(..., auto_pad=True) or SequenceParallelInput(auto_pad=True)) or use the ring backend"
                 )
-    return [valid for _, valid in rows]
+    return rows
+
+
+def _with_full_mask(
+    call: AttentionCall, bias: Tensor, rows: list[tuple[int, ...]], ctx: SPContext
+) -> AttentionCall:
+    """``call`` with its mask in the full frame (a local-frame mask all-gathered over the SP group).
+
+    Kept for the forward (models hand every layer the same mask), keyed by what every rank exchanged
+    (each rank's mask shape and checksum, the rows, the joint tokens): every rank hits or misses alike,
+    so they all take the all-gather of a local-frame mask, or none does."""
+    state = call.state
+    joint = call.joint
+    J = joint.length if joint is not None else 0
+    front = joint is None or joint.strategy == "front"
+    key = (tuple(rows), J, front, str(bias.dtype), str(bias.device))
+    memo = ctx.memo.setdefault("full_masks", {})
+    if key not in memo:
+
+        def gather(t: Tensor, dim: int) -> Tensor:
+            return _all_gather_cat(t, dim, state.sp_group, state.sp_size, state.host_group)
+
+        memo[key] = full_frame(bias, rows, joint=J, front=front, gather=gather)
+    return dataclasses.replace(call, mask=memo[key])
 
 
 def _gather_rows(t: Tensor, dim: int, layout: ShardLayout, state: SPState) -> Tensor:
@@ -259,19 +303,31 @@ def sharded_attention(
     joint: Joint | None,
     backend: str | None,
     mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
     refusal: str | None = None,
 ) -> Tensor:
-    """``attention()`` after input validation; ``mask`` (additive or bool, key dim last; one that excludes
-    nothing is dropped) is supported where K/V end up whole on this rank, and ``refusal`` (a reason this
-    rank cannot run the call) is raised on every rank of a communicating call instead of on this rank
-    alone (integrations use both)."""
+    """``attention()`` after input validation. ``mask`` (``attn_mask``: bool or additive, SDPA's semantics) and
+    ``key_padding_mask`` (bool [B, K]) are applied by every backend (attn/mask.py: frames, kernel choice), and
+    ``refusal`` (a reason this rank cannot run the call) is raised on every rank of a communicating call
+    instead of on this rank alone (integrations use it)."""
     ctx = current_context()
     state = ctx.state if ctx is not None else None
     name = resolve_backend(backend, state)
+
+    def normalized() -> Tensor | None:
+        bias = normalize_mask(mask, key_padding_mask, batch=query.shape[0], heads=query.shape[2], dtype=query.dtype,
+                              device=query.device)
+        if bias is not None and causal:
+            raise ValueError(
+                f"attention: an attention mask (as [batch, heads, queries, keys]: {list(bias.shape)}) together with "
+                "causal=True is not supported; put the causal mask into attn_mask"
+            )
+        return bias
+
     if ctx is None or state is None or state.sp_size == 1 or name == "local" or not ctx.sharded:
         if refusal is not None:
             raise NotImplementedError(refusal)
-        return _local(query, key, value, scale, causal, joint, effective_mask(mask, ctx))
+        return _local(query, key, value, scale, causal, joint, normalized())
     state.raise_if_broken("attention")
     roles = read_roles(ctx, query.shape[1], key.shape[1])
     if roles.kv != "same" or roles.query == "replicated":
@@ -280,29 +336,29 @@ def sharded_attention(
             raise ValueError("attention: causal=True needs self-attention over one sequence; got cross-attention")
         if refusal is not None and roles.kv != "sharded":
             raise NotImplementedError(refusal)
+        bias = normalized()
         if roles.kv == "sharded":
             try:
                 layout = roles.kv_layout
                 key, value = (_gather_rows(t, 1, layout, state) for t in (key, value))  # type: ignore[arg-type]
                 # A key mask is a shard too; gathered whether or not this rank's part excludes anything,
                 # so every rank takes the same collectives and judges the same full mask.
-                if mask is not None and mask.shape[-1] == layout.local_rows and layout.local_rows != 1:  # type: ignore[union-attr]
-                    mask = _gather_rows(mask.contiguous(), mask.dim() - 1, layout, state)  # type: ignore[arg-type]
+                if bias is not None and bias.shape[-1] == layout.local_rows and layout.local_rows != 1:  # type: ignore[union-attr]
+                    bias = _gather_rows(bias.contiguous(), 3, layout, state)  # type: ignore[arg-type]
             except BaseException as e:
                 state.mark_broken(f"{type(e).__name__} while gathering sharded key/value: {e}")
                 raise
             if refusal is not None:
                 raise NotImplementedError(refusal)
-        out = _local(query, key, value, scale, causal, joint, effective_mask(mask, ctx))
+        out = _local(query, key, value, scale, causal, joint, bias)
         return _zero_padding_rows(out, roles.q_layout, joint, state)
-    mask = effective_mask(mask, ctx)
-    if mask is not None and refusal is None:
-        # Raised through the agreement exchange: another rank's mask may exclude nothing.
-        refusal = (
-            f"attention: an attention mask of shape {tuple(mask.shape)} that excludes keys reached self-attention "
-            "over the sharded sequence; sp_kernels excludes padding by layout, not by masks. Masks of padded prompt "
-            "tokens: pass the prompt trimmed to its valid tokens"
-        )
+    reason: str | BaseException | None = refusal
+    bias = None
+    try:
+        bias = normalized()
+    except (TypeError, ValueError) as e:
+        # Raised through the agreement exchange, so that the other ranks raise too instead of waiting.
+        reason = reason if reason is not None else e
 
     _check_degrees(name, state)
     grads = [t for t in (query, key, value) if t.requires_grad] + (
@@ -321,7 +377,10 @@ def sharded_attention(
         query, key, value, joint = _split_replicated(query, key, value, joint, layout)
     call = AttentionCall(query, key, value, scale, causal, joint, name, state, layout)
     try:
-        return backend_function(name)(call, _valid_rows(call, name, refusal))
+        rows = _exchange(call, name, reason, bias)
+        if bias is not None:
+            call = _with_full_mask(call, bias, rows, ctx)
+        return backend_function(name)(call, [r[1] for r in rows])
     except BaseException as e:
         # Another rank may now wait in a collective this one left: later calls must not cross with it.
         state.mark_broken(f"{type(e).__name__} in {name} attention: {e}")
@@ -340,8 +399,10 @@ def attention(
     joint_key: Tensor | None = None,
     joint_value: Tensor | None = None,
     joint_strategy: str = "front",
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    """softmax(q k^T * scale) v over the full (sharded) sequence plus optional joint tokens.
+    """softmax(q k^T * scale + mask) v over the full (sharded) sequence plus optional joint tokens.
 
     Returns ``[B, J + S_local, Hq, D]``: joint rows first for ``joint_strategy="front"``, last for
     ``"rear"``; the joint rows are identical on every rank. Forward only under SP (no autograd).
@@ -352,9 +413,16 @@ def attention(
     (all-gathered, then attended locally), and K/V of a length nothing sharded are replicated
     (attended locally). Replicated K/V that happen to have exactly the query's local length cannot
     be told from self-attention: declare such cross-attention with ``backend="local"``.
+
+    Masks (docs/attention.md, "Masks"), SDPA's semantics: ``key_padding_mask`` bool ``[B, K]`` (True = attend);
+    ``attn_mask`` bool (True = attend) or additive float, broadcastable to ``[B, Hq, Q, K]``. The key axis is
+    the full key sequence of the call, joint tokens included, in strategy order: over the global sequence
+    (the same mask on every rank) or over this rank's rows only (all-gathered). A query row that attends
+    to no key gives zeros (SDPA: NaN). Not with ``causal=True``.
     """
     scale, joint = validate_inputs(query, key, value, softmax_scale, joint_query, joint_key, joint_value, joint_strategy)
-    return sharded_attention(query, key, value, scale=scale, causal=causal, joint=joint, backend=backend)
+    return sharded_attention(query, key, value, scale=scale, causal=causal, joint=joint, backend=backend,
+                             mask=attn_mask, key_padding_mask=key_padding_mask)
 
 
 class Attention(nn.Module):
@@ -391,6 +459,8 @@ class Attention(nn.Module):
         joint_query: Tensor | None = None,
         joint_key: Tensor | None = None,
         joint_value: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
     ) -> Tensor:
         return attention(
             query,
@@ -403,6 +473,8 @@ class Attention(nn.Module):
             joint_key=joint_key,
             joint_value=joint_value,
             joint_strategy=self.joint_strategy,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
         )
 
     def extra_repr(self) -> str:

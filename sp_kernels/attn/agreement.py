@@ -6,8 +6,10 @@ passes, say, a different head count makes *all* ranks raise the same ValueError 
 the others blocked in an all-to-all. The per-rank row counts come back too: the ring needs them
 for shards of unequal length.
 
-A rank that cannot run the call (``refusal``, e.g. an integration meeting a mask it cannot
-honour) says so in the same exchange, so every rank raises instead of the others blocking.
+A rank that cannot run the call (``refusal``: a reason, or the exception it raises, e.g. a mask of
+the wrong dtype) says so in the same exchange, so every rank raises instead of the others blocking.
+Each rank's mask shape and a checksum of its content ride along (attn/mask.py decides the mask's
+frame from them, and raises on every rank when ranks passed different full-frame masks).
 
 Cost: one all-gather of ~16 int64 per call, over the SP state's host-side group (gloo, on CPU
 tensors, even when the SP group is NCCL: no GPU synchronization). It cannot be switched off: the
@@ -42,6 +44,8 @@ AGREED = (
     "layout sp_size",
 )
 PER_RANK = ("local rows", "valid rows", "refused")
+# Per rank after those: the mask (attn/mask.py ``describe``: present, batch, heads, queries, keys) and its checksum.
+MASK_FIELDS = 6
 
 
 def _code(value: object, table: list) -> int:
@@ -90,15 +94,26 @@ def _show(field: str, value: int, backend_names: list[str]) -> str:
 
 
 def exchange_rows(
-    call: AttentionCall, group: dist.ProcessGroup | None, backend_names: list[str], refusal: str | None = None
-) -> list[tuple[int, int]]:
+    call: AttentionCall,
+    group: dist.ProcessGroup | None,
+    backend_names: list[str],
+    refusal: str | BaseException | None = None,
+    mask: list[int] | None = None,
+) -> list[tuple[int, ...]]:
     """All-gather the call metadata over ``group`` (the SP group, in sp_rank order), check the agreed
-    fields, and return every rank's (local rows, valid rows). Raises on every rank: ValueError when
-    they disagree, NotImplementedError when a rank refused the call (``refusal``: its reason)."""
-    rows = all_gather_small(_vector(call, backend_names) + [int(refusal is not None)], group, "attention metadata")
+    fields, and return every rank's (local rows, valid rows, *mask fields). Raises on every rank: ValueError
+    when they disagree, NotImplementedError when a rank refused the call (``refusal``: its reason, or the
+    exception that rank raises, e.g. a bad mask), while the others raise that rank(s) could not run it.
+    ``mask``: this rank's ``MASK_FIELDS`` mask fields (zeros: no mask); compared by the caller."""
+    mask = mask if mask is not None else [0] * MASK_FIELDS
+    rows = all_gather_small(
+        _vector(call, backend_names) + [int(refusal is not None)] + list(mask), group, "attention metadata"
+    )
     n = len(AGREED)
     refused = [rank for rank, r in enumerate(rows) if r[n + 2]]
     if refused:
+        if isinstance(refusal, BaseException):
+            raise refusal
         raise NotImplementedError(
             refusal if refusal is not None else
             f"attention (backend {call.backend!r}): sp rank(s) {refused} cannot run this call (see the error there); "
@@ -117,4 +132,4 @@ def exchange_rows(
             + ". Every rank must call attention with the same batch, heads, head_dim, dtype, options and "
             "joint tokens, on shards of the same sequence."
         )
-    return [(r[n], r[n + 1]) for r in rows]
+    return [(r[n], r[n + 1], *r[n + 3 :]) for r in rows]

@@ -11,6 +11,7 @@ import torch
 from ..distributed.parallel_state import SPState
 from ..plan.context import ShardLayout
 from ..plan.specs import JOINT_STRATEGIES
+from .mask import FullMask
 
 Tensor = torch.Tensor
 
@@ -40,6 +41,7 @@ class AttentionCall:
     backend: str
     state: SPState
     layout: ShardLayout | None  # how the sequence was cut (auto_pad), None when unknown
+    mask: FullMask | None = None  # the mask in the full frame of the call (attn/mask.py), None: no mask
 
     def valid_rows(self, sp_rank: int) -> int:
         """Real rows of ``sp_rank``'s shard (all of them when no layout was recorded)."""

@@ -52,6 +52,8 @@ from ._alloc import new_buffer
 Tensor = torch.Tensor
 DeclineFn = Callable[[Tensor, Tensor, Tensor, bool], "str | None"]
 RunFn = Callable[[Tensor, Tensor, Tensor, float, bool], "tuple[Tensor, Tensor]"]
+# (q, k, v, scale, bias): bias is additive [Bm, Hm, Qm, Sk] (Bm 1 or B, Hm 1 or Hq, Qm 1 or Sq), -inf = excluded.
+MaskedRunFn = Callable[[Tensor, Tensor, Tensor, float, Tensor], "tuple[Tensor, Tensor]"]
 
 _HALF = (torch.float16, torch.bfloat16)
 _EFFICIENT = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,11 +68,13 @@ MATH_CHUNK_ELEMENTS = 1 << 24
 
 @dataclass(frozen=True)
 class BlockKernel:
-    """One candidate: ``decline`` returns a reason string or None (accepts); ``run`` computes."""
+    """One candidate: ``decline`` returns a reason string or None (accepts); ``run`` computes.
+    ``run_masked`` (None: the kernel takes no mask, and declines masked calls) computes with an additive bias."""
 
     name: str
     decline: DeclineFn
     run: RunFn
+    run_masked: MaskedRunFn | None = None
 
 
 class NoKernelError(ValueError):
@@ -354,6 +358,31 @@ def _run_torch_efficient(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: 
     return _bhsd(res[0]), res[1][..., :Sq]
 
 
+def _fix_dead_rows(out: Tensor, lse: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows whose bias excludes every key: out 0, lse -inf (the kernels give 0 / NaN and a finite lse)."""
+    dead = torch.isneginf(bias).all(dim=-1)  # [Bm, Hm, Qm]
+    if not bool(dead.any()):
+        return out, lse
+    B, Sq, Hq, _ = out.shape
+    dead = dead.expand(B, Hq, Sq)
+    out = out.masked_fill(dead.transpose(1, 2).unsqueeze(-1), 0)
+    return out, lse.masked_fill(dead, float("-inf"))
+
+
+def _run_torch_efficient_masked(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor) -> tuple[Tensor, Tensor]:
+    # NOT RUN ON A GPU: attn_bias expanded to [B, H, Sq, Sk], its last dim padded to a multiple of 16
+    # (the CUTLASS kernel's alignment) and sliced back, as torch's own SDPA does.
+    B, Sq, H, _ = q.shape
+    Sk = k.shape[1]
+    k, v = _expand_kv(k, v, H)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    pad = (-Sk) % 16
+    full = torch.zeros((B, H, Sq, Sk + pad), dtype=q.dtype, device=q.device)
+    full[..., :Sk].copy_(bias.expand(B, H, Sq, Sk))
+    res = _torch_efficient_op()(_bhsd(q), _bhsd(k), _bhsd(v), full[..., :Sk], True, 0.0, False, scale=scale)
+    return _fix_dead_rows(_bhsd(res[0]), res[1][..., :Sq].float(), bias)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch's CPU flash op: tiled, fp32 accumulation, GQA and strided inputs handled natively.
 
@@ -373,6 +402,13 @@ def _run_cpu_flash(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) 
     return _bhsd(out), lse
 
 
+def _run_cpu_flash_masked(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor) -> tuple[Tensor, Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _bhsd(q), _bhsd(k), _bhsd(v), 0.0, False, attn_mask=bias.to(q.dtype), scale=scale
+    )
+    return _fix_dead_rows(_bhsd(out), lse, bias)
+
+
 # ---------------------------------------------------------------------------------------------
 # Math reference: any device, fp32 accumulation (fp64 for fp64), chunked over queries.
 
@@ -383,7 +419,8 @@ def _decline_math(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str | None:
     return None
 
 
-def _run_math(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+def _run_math(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, bias: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -405,13 +442,25 @@ def _run_math(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tu
             qpos = torch.arange(s0, s1, device=q.device).unsqueeze(1)
             masked = torch.arange(Sk, device=q.device).unsqueeze(0) > qpos
             s = s.masked_fill_(masked, float("-inf")) if inplace else s.masked_fill(masked, float("-inf"))
-        m = s.amax(dim=-1, keepdim=True)
+        if bias is not None:
+            bc = bias[:, :, s0:s1] if bias.shape[2] > 1 else bias
+            bc = bc.reshape(bc.shape[0], Hkv if bc.shape[1] > 1 else 1, g if bc.shape[1] > 1 else 1, bc.shape[2], Sk)
+            s = s.add_(bc) if inplace else s + bc
+            m = s.amax(dim=-1, keepdim=True)
+            m = m.masked_fill(torch.isneginf(m), 0.0)  # a row with no key: p = 0, out 0, lse -inf
+        else:
+            m = s.amax(dim=-1, keepdim=True)
         p = s.sub_(m).exp_() if inplace else (s - m).exp()
         denom = p.sum(dim=-1, keepdim=True)
-        o = torch.matmul(p.view(B, Hkv, g * c, Sk), vh).view(B, Hkv, g, c, D) / denom
+        safe = denom if bias is None else denom.masked_fill(denom == 0, 1.0)
+        o = torch.matmul(p.view(B, Hkv, g * c, Sk), vh).view(B, Hkv, g, c, D) / safe
         out[:, s0:s1].view(B, c, Hkv, g, D).copy_(o.permute(0, 3, 1, 2, 4))
         lse[:, :, s0:s1].copy_((m + denom.log()).view(B, Hq, c))
     return out, lse
+
+
+def _run_math_masked(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor) -> tuple[Tensor, Tensor]:
+    return _run_math(q, k, v, scale, False, bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,9 +471,9 @@ _KERNELS: list[BlockKernel] = [
     BlockKernel("flash2", _decline_flash2, _run_flash2),
     BlockKernel("cudnn", _decline_cudnn, _run_cudnn),
     BlockKernel("torch_flash", _decline_torch_flash, _run_torch_flash),
-    BlockKernel("torch_efficient", _decline_torch_efficient, _run_torch_efficient),
-    BlockKernel("cpu_flash", _decline_cpu_flash, _run_cpu_flash),
-    BlockKernel("math", _decline_math, _run_math),
+    BlockKernel("torch_efficient", _decline_torch_efficient, _run_torch_efficient, _run_torch_efficient_masked),
+    BlockKernel("cpu_flash", _decline_cpu_flash, _run_cpu_flash, _run_cpu_flash_masked),
+    BlockKernel("math", _decline_math, _run_math, _run_math_masked),
 ]
 
 
@@ -459,24 +508,28 @@ def _allowed(kernels: Sequence[str] | None) -> list[BlockKernel]:
     return [kern for kern in _KERNELS if kern.name in kernels]
 
 
-def _describe(q: Tensor, k: Tensor, causal: bool) -> str:
+def _describe(q: Tensor, k: Tensor, causal: bool, masked: bool = False) -> str:
     return (
         f"q {tuple(q.shape)} k/v {tuple(k.shape)} {q.dtype} on {q.device} "
-        f"(head_dim {q.shape[-1]}, causal={causal})"
+        f"(head_dim {q.shape[-1]}, causal={causal}{', with an attention mask' if masked else ''})"
     )
 
 
 def select_block_kernel(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, kernels: Sequence[str] | None = None
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, kernels: Sequence[str] | None = None, masked: bool = False
 ) -> BlockKernel:
-    """The first candidate (in priority order, restricted to ``kernels`` or $SP_KERNELS_BLOCK_KERNELS) that accepts."""
+    """The first candidate (in priority order, restricted to ``kernels`` or $SP_KERNELS_BLOCK_KERNELS) that accepts;
+    with ``masked`` only candidates that take an attention mask (``run_masked``)."""
     reasons: dict[str, str] = {}
     for kern in _allowed(kernels):
+        if masked and kern.run_masked is None:
+            reasons[kern.name] = "takes no attention mask"
+            continue
         why = kern.decline(q, k, v, causal)
         if why is None:
             return kern
         reasons[kern.name] = why
-    raise NoKernelError(_describe(q, k, causal), reasons)
+    raise NoKernelError(_describe(q, k, causal, masked), reasons)
 
 
 def _check_block_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
@@ -502,6 +555,21 @@ def _check_block_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
         raise ValueError(f"block_attention: causal=True needs Sq == Sk, got {q.shape[1]} and {k.shape[1]}")
 
 
+def _check_bias(q: Tensor, k: Tensor, causal: bool, bias: Tensor) -> None:
+    B, Sq, Hq, _ = q.shape
+    ok = (
+        bias.dim() == 4 and bias.shape[0] in (1, B) and bias.shape[1] in (1, Hq) and bias.shape[2] in (1, Sq)
+        and bias.shape[3] == k.shape[1] and bias.is_floating_point() and bias.device == q.device
+    )
+    if not ok:
+        raise ValueError(
+            f"block_attention: bias has shape {tuple(bias.shape)} ({bias.dtype} on {bias.device}); expected an additive "
+            f"float mask [1 or {B}, 1 or {Hq}, 1 or {Sq}, {k.shape[1]}] on {q.device}"
+        )
+    if causal:
+        raise ValueError("block_attention: causal=True with a bias is not supported; put the causal mask in the bias")
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -514,9 +582,16 @@ def block_attention(
     softmax_scale: float | None = None,
     causal: bool = False,
     kernels: Sequence[str] | None = None,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(out [B, Sq, Hq, D], lse [B, Hq, Sq])`` of softmax(q k^T * scale) v; see the module docstring."""
+    """``(out [B, Sq, Hq, D], lse [B, Hq, Sq])`` of softmax(q k^T * scale + bias) v; see the module docstring.
+
+    ``bias``: an additive mask ``[Bm, Hm, Qm, Sk]`` (Bm 1 or B, Hm 1 or Hq, Qm 1 or Sq; -inf = excluded,
+    see attn/mask.py), run by a candidate that takes masks; a row that excludes every key gives out 0 and lse -inf.
+    """
     _check_block_inputs(q, k, v, causal)
+    if bias is not None:
+        _check_bias(q, k, causal, bias)
     B, Sq, Hq, D = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     if Sq == 0 or k.shape[1] == 0:
@@ -530,6 +605,9 @@ def block_attention(
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    kern = select_block_kernel(q, k, v, causal, kernels)
-    out, lse = kern.run(q, k, v, scale, causal)
+    kern = select_block_kernel(q, k, v, causal, kernels, masked=bias is not None)
+    if bias is not None:
+        out, lse = kern.run_masked(q, k, v, scale, bias)  # type: ignore[misc]
+    else:
+        out, lse = kern.run(q, k, v, scale, causal)
     return out, lse.to(lse_dtype(q.dtype))

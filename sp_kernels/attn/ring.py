@@ -49,6 +49,7 @@ from ..ops.merge import merge_all, merge_into
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
 from .local import block_attention, lse_dtype
+from .mask import BlockMask, FullMask, attend_block
 
 Tensor = torch.Tensor
 MERGE_MODES = ("step", "all")
@@ -169,6 +170,17 @@ class _MergeAll:
             merge_all(self.parts, self.dtype, dest=dest)
 
 
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, mask: BlockMask | None, causal: bool | None = None
+) -> tuple[Tensor, Tensor]:
+    """One block: ``block_attention`` (looked up here, so tests can wrap it) without a mask, else ``attend_block``."""
+    if mask is not None:
+        return attend_block(q, k, v, scale, mask)
+    if causal is None:
+        return block_attention(q, k, v, softmax_scale=scale)
+    return block_attention(q, k, v, softmax_scale=scale, causal=causal)
+
+
 def ring_core(
     q: Tensor,
     k: Tensor,
@@ -183,6 +195,7 @@ def ring_core(
     out_joint: Tensor | None,
     cache: dict,
     engine: RingEngine | None = None,
+    mask: FullMask | None = None,
 ) -> None:
     """Attention of this rank's queries over all ring blocks (+ joint tokens), written into the outputs.
     ``cache`` keeps the receive buffers across calls (``ring_buffers``).
@@ -190,7 +203,9 @@ def ring_core(
     q/k/v hold exactly ``valid[comm.rank]`` rows (no padding). ``joint`` tensors have the same heads as
     q/k/v. ``out_seq`` ``[B, valid[rank], Hq, D]``, ``out_joint`` ``[B, J, Hq, D]`` (when joint).
     ``engine`` None means the fused_ring default (``default_engine()``): USP calls this
-    without one, so its ring part is fused_ring.
+    without one, so its ring part is fused_ring. ``mask``: the call's mask in the full frame (ring block
+    ``src`` holds sequence rows ``sum(valid[:src])`` on); each block attends with its slice of it, and a
+    query row that the slice excludes entirely contributes lse -inf (nothing) to the merge.
     """
     if engine is None:
         engine = default_engine(device_type=q.device.type)
@@ -213,6 +228,20 @@ def ring_core(
     joint_in_ring = joint is not None and not (causal and joint.strategy == "front")
     joint_parts: list[tuple[Tensor, Tensor]] = []
     joint_by_src: dict[int, tuple[Tensor, Tensor]] = {}
+    starts = [sum(valid[:r]) for r in range(R)]
+
+    # Every block's mask is classified before the loop: classifying reads the mask back to the host,
+    # which inside the loop would stall the overlap of transfers and compute on a GPU.
+    blocks: dict[tuple[str, int | None], BlockMask | None] = {}
+    if mask is not None:
+        for who, rows in (("q", mask.seq_span(starts[rank], n)), ("joint", mask.joint_span())):
+            blocks[who, None] = mask.block(rows, mask.joint_span())
+            for src in range(R):
+                blocks[who, src] = mask.block(rows, mask.seq_span(starts[src], valid[src]))
+
+    def blk(who: str, src: int | None) -> BlockMask | None:
+        """The mask of ``who``'s queries ("q" or "joint") over ring block ``src`` (None: the joint block)."""
+        return blocks.get((who, src))
 
     stream = None
     if R > 1:
@@ -237,19 +266,17 @@ def ring_core(
             if step == 0 and joint is not None:
                 # Joint K/V are local: computed while the first transfer is already in flight.
                 if seq_sees_joint and has_q:
-                    local.add(*block_attention(q, joint.key, joint.value, softmax_scale=scale))
-                joint_parts.append(
-                    block_attention(joint.query, joint.key, joint.value, softmax_scale=scale, causal=causal)
-                )
+                    local.add(*_attend(q, joint.key, joint.value, scale, blk("q", None)))
+                joint_parts.append(_attend(joint.query, joint.key, joint.value, scale, blk("joint", None), causal))
             if step == 0:
                 kb, vb = k, v
             else:
                 kv = _kv_view(bufs[step % 2], B, valid[src], Hkv, D)
                 kb, vb = kv[0], kv[1]
             if valid[src] and has_q and (not causal or src <= rank):
-                local.add(*block_attention(q, kb, vb, softmax_scale=scale, causal=causal and src == rank))
+                local.add(*_attend(q, kb, vb, scale, blk("q", src), causal and src == rank))
             if joint_in_ring and valid[src]:
-                joint_by_src[src] = block_attention(joint.query, kb, vb, softmax_scale=scale)  # type: ignore[union-attr]
+                joint_by_src[src] = _attend(joint.query, kb, vb, scale, blk("joint", src))  # type: ignore[union-attr]
             if handle is not None:
                 done, handle = handle, None
                 comm.wait(done)
@@ -298,6 +325,7 @@ def run_ring(call: AttentionCall, valid: list[int], comm: RingComm | None, engin
         out_joint=(result[:, :J] if front else result[:, L : L + J]) if joint is not None else None,
         cache=state.ring_buffers,
         engine=engine,
+        mask=call.mask,
     )
     return result
 

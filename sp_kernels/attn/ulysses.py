@@ -31,9 +31,11 @@ import torch.distributed as dist
 
 from ..distributed.comm import all_to_all
 from ..ops import pack as pack_ops
+from ..ops.merge import lse_merge_all_torch
 from ._alloc import new_buffer
 from .call import AttentionCall, Joint
-from .local import block_attention
+from .local import block_attention, lse_dtype
+from .mask import FullMask, attend_block
 
 Tensor = torch.Tensor
 
@@ -235,12 +237,33 @@ def gather_heads(stage: UlyssesStage, out_seq: Tensor, out_joint: Tensor | None,
     return unpack_out(all_to_all(send, stage.group), stage.plan)
 
 
+def _masked(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: FullMask) -> Tensor:
+    """Attention over ``[joint | seq]`` (or ``[seq | joint]``) under the full-frame mask. One block; but when
+    the whole mask needs a masked kernel while the joint and the sequence keys alone would each take the
+    maskless ones (a prompt padded at its end: an end cut in the joint keys, nothing in the sequence),
+    two maskless blocks merged by their LSE."""
+    whole = mask.block(None, (0, k.shape[1]))
+    if whole is None or whole.bias is None or mask.joint == 0 or mask.bias.shape[2] != 1:
+        return attend_block(q, k, v, scale, whole)[0]
+    spans = (mask.joint_span(), mask.seq_span(0, mask.seq))
+    parts = [mask.block(None, span) for span in spans]
+    if any(p is not None and p.bias is not None for p in parts):
+        return attend_block(q, k, v, scale, whole)[0]
+    outs = [attend_block(q, k[:, a:b], v[:, a:b], scale, p) for (a, b), p in zip(spans, parts)]
+    # The eager merge: a rare path (one extra pass), and fp64-exact for fp64 inputs.
+    return lse_merge_all_torch([o for o, _ in outs], [lse for _, lse in outs], q.dtype, lse_dtype(q.dtype))[0]
+
+
 def ulysses_attention(call: AttentionCall, valid: list[int]) -> Tensor:
     """Pure Ulysses over ``call.state.ulysses_group``; ``valid`` = valid rows of each member."""
     state = call.state
     q, k, v, _, stage = scatter_heads(call, state.ulysses_group, state.ulysses_rank, valid, with_joint_rows=True)
-    out, _ = block_attention(q, k, v, softmax_scale=call.scale, causal=call.causal)
     S = sum(valid)
+    if call.mask is not None:
+        # Every key of the call is here, in the full frame's order: the whole mask applies.
+        out = _masked(q, k, v, call.scale, call.mask)
+    else:
+        out, _ = block_attention(q, k, v, softmax_scale=call.scale, causal=call.causal)
     if call.joint is None:
         return gather_heads(stage, out, None, "front")
     J = call.joint.length

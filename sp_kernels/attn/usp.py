@@ -51,5 +51,6 @@ def usp_attention(call: AttentionCall, valid: list[int]) -> Tensor:
         out_seq=out[:, seq0 : seq0 + S],
         out_joint=out_joint,
         cache=state.ring_buffers,
+        mask=call.mask,
     )
     return gather_heads(stage, out[:, seq0 : seq0 + S], out_joint, joint.strategy if joint is not None else "front")

@@ -39,9 +39,13 @@ plan shards the text (diffusers' LTX ``_cp_plan``), the record of the forward de
 recorded sharded sequence are all-gathered (with their key mask) before local attention, K/V nothing
 sharded are replicated. Under diffusers' own CP (path 2) K/V of another length are always gathered.
 
-Attention masks: one that masks nothing (all True, or an all-zero additive mask) is dropped, judged
-once per forward per mask tensor; a real mask runs where K/V are whole on the rank (cross-attention)
-through torch SDPA, and is refused inside sharded self-attention on every rank.
+Attention masks (docs/attention.md, "Masks"): every backend applies the masks diffusers passes
+(``[B, S_k]``-like key masks as ``[B, 1, 1, S_k]``, ``[B, 1, S_q, S_k]``, bool or additive), for any batch
+and prompt lengths that differ within the batch. Inside sharded self-attention a processor builds its
+mask over its own rows (Qwen-Image: ``[prompt mask | ones(local image rows)]``): that local-frame mask
+is all-gathered; one over the full key sequence is used as it is. Prompts padded at their end in every
+batch entry are still trimmed first (exact, and fewer tokens); the mask covers everything else, holes
+included. A query row with no key left gives zeros.
 Not supported under SP: dropout, ``return_lse``, backward.
 
 diffusers bugs seen on CPU (diffusers 0.42.1), which only path 2 meets: ``enable_parallelism``
@@ -228,15 +232,9 @@ def _make_backend(name: str) -> Callable[..., Any]:
                 ctx.record(even)
                 return sharded_attention(query, key, value, scale=sc, causal=is_causal, joint=None, backend=ours,
                                          mask=attn_mask)
-            refusal = None
-            if effective_mask(attn_mask, ctx) is not None:
-                refusal = (
-                    f"sp_kernels/diffusers backend {name!r}: attention masks are not supported under context "
-                    "parallelism (sp_kernels handles padding by layout, not masks); use diffusers' 'native' backend "
-                    "for masked attention"
-                )
+            # A mask over this rank's rows (diffusers builds them from the shard) is all-gathered by attention().
             return sharded_attention(query, key, value, scale=sc, causal=is_causal, joint=None, backend=ours,
-                                     refusal=refusal)
+                                     mask=attn_mask)
 
     backend.__name__ = f"sp_kernels_{name}_attention"
     return backend
