@@ -1,26 +1,16 @@
-"""Output/scratch allocation with an optional NaN poison, so tests catch rows a kernel never wrote.
+"""The one allocation point of the attention layer's outputs and buffers.
 
-``SP_KERNELS_POISON=1`` fills every buffer allocated here with NaN (integers: their max value)
-before a kernel or a copy writes it. Off by default: the fill is a full extra pass over memory.
+Uninitialized on purpose (every element is written by a kernel or a copy). Tests poison it the way they
+poison every other allocation, through torch's deterministic mode (``fill_uninitialized_memory``,
+tests/poison.py), and count calls to it to check that the ring loop allocates nothing once warm.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
 
-def poison_enabled() -> bool:
-    return os.environ.get("SP_KERNELS_POISON", "0") == "1"
-
-
 def new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    buf = torch.empty(tuple(shape), dtype=dtype, device=device)
-    if poison_enabled():
-        if buf.is_floating_point():
-            buf.fill_(float("nan"))
-        else:
-            buf.fill_(torch.iinfo(dtype).max)
-    return buf
+    return torch.empty(tuple(shape), dtype=dtype, device=device)

@@ -26,13 +26,10 @@ instead of failing inside the kernel. Torch's checks give no reason to Python (w
 they log it to stderr): set ``SP_KERNELS_SDPA_DEBUG=1`` to have them log. Where this torch lacks a
 check (or ``SDPAParams``), that candidate falls back to fixed head_dim rules.
 
-NOT RUN ON A GPU YET (numerics): the flash3, flash2, cudnn, torch_flash and torch_efficient
-candidates were written from the documented APIs (flash-attn's ``flash_attn_func`` docstrings, the
-aten schemas of torch 2.14, torch's ``sdp_utils.cpp`` checks) and tested on CPU only: their
-selection/decline logic with faked availability and faked torch checks, and the aten calls on
-``meta`` tensors. Issue 13, from an H200, found cuDNN chosen for shapes its own check rejects and
-fp32 falling to ``math``; the fixes (torch's checks, ``torch_efficient``) have run on CPU only.
-tests/test_attention_local.py has GPU tests against an fp64 reference, skipped without CUDA.
+The GPU candidates were written from the documented APIs (flash-attn's ``flash_attn_func``
+docstrings, the aten schemas of torch 2.14, torch's ``sdp_utils.cpp`` checks); which of them have run
+where is in docs/status.md. tests/test_attention_local.py checks them against an fp64 reference on a
+GPU (skipped without CUDA) and their selection/decline logic everywhere, with faked availability.
 """
 
 from __future__ import annotations
