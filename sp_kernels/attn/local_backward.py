@@ -298,27 +298,47 @@ def block_attention_backward(
     return dq.to(gdt), dk.to(gdt), dv.to(gdt)
 
 
+class BackwardUnsupportedError(NotImplementedError):
+    """A backward through a path that has none (e.g. the allowed block kernels are forward-only),
+    raised at the first backward with the backend and the kernels named."""
+
+
+def unsupported(backend: str, err: NoBackwardKernelError) -> BackwardUnsupportedError:
+    return BackwardUnsupportedError(f"attention backward (backend {backend!r}): {err}")
+
+
 class BlockAttention(torch.autograd.Function):
     """``block_attention`` with a backward through ``block_attention_backward`` (returns out only)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, kernels):  # type: ignore[override]
+    def forward(ctx, q, k, v, scale, causal, kernels, backend):  # type: ignore[override]
         out, lse = _fwd.block_attention(q, k, v, softmax_scale=scale, causal=causal, kernels=kernels)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.causal, ctx.kernels = scale, causal, kernels
+        ctx.scale, ctx.causal, ctx.kernels, ctx.backend = scale, causal, kernels, backend
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = block_attention_backward(
-            q, k, v, out, lse, dout, scale=ctx.scale, causal=ctx.causal, kernels=ctx.kernels
-        )
-        return dq, dk, dv, None, None, None
+        try:
+            dq, dk, dv = block_attention_backward(
+                q, k, v, out, lse, dout, scale=ctx.scale, causal=ctx.causal, kernels=ctx.kernels
+            )
+        except NoBackwardKernelError as e:
+            raise unsupported(ctx.backend, e) from e
+        return dq, dk, dv, None, None, None, None
 
 
 def block_attention_grad(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False, kernels: Sequence[str] | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    kernels: Sequence[str] | None = None,
+    backend: str = "local",
 ) -> Tensor:
-    """Differentiable block attention (out only): forward ``block_attention``, backward the dispatcher above."""
-    return BlockAttention.apply(q, k, v, scale, causal, None if kernels is None else tuple(kernels))
+    """Differentiable block attention (out only): forward ``block_attention``, backward the dispatcher
+    above; ``backend`` names the caller in the error of a backward that has no kernel."""
+    return BlockAttention.apply(q, k, v, scale, causal, None if kernels is None else tuple(kernels), backend)
