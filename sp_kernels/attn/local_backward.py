@@ -24,7 +24,7 @@ input dtype); the ``math`` kernel accumulates in fp32 (fp64 for fp64) either way
 Candidates in priority order, each saying why it declines (the forward dispatcher's pattern):
 ``cudnn`` (``aten._scaled_dot_product_cudnn_attention_backward``), ``torch_flash``
 (``aten._scaled_dot_product_flash_attention_backward``), ``torch_efficient``
-(``aten._efficient_attention_backward``), ``cpu_flash``
+(``aten._scaled_dot_product_efficient_attention_backward``), ``cpu_flash``
 (``aten._scaled_dot_product_flash_attention_for_cpu_backward``) and ``math`` (chunked over query rows,
 from the definition above, any device). The GPU candidates reuse the forward candidates' decline
 rules (local.py), since the aten backward ops accept what their forward ops accept.
@@ -141,21 +141,21 @@ def _run_torch_flash(q, k, v, out, lse, dout, scale, causal) -> Grads:
 
 
 def _run_torch_efficient(q, k, v, out, lse, dout, scale, causal) -> Grads:
-    # _efficient_attention_backward takes BSHD; its forward pads the LSE to a multiple of 32 rows.
+    # The SDPA derivative of aten._scaled_dot_product_efficient_attention (BHSD views); its forward pads
+    # the LSE to a multiple of 32 rows on CUDA, so the LSE handed back is padded the same way.
     B, Sq, H, _ = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
+    Hkv = k.shape[2]
     ke, ve = _repeat_kv(k, v, H)
-    q, ke, ve, out, dout = (t.contiguous() for t in (q, ke, ve, out, dout))
     padded = -(-Sq // 32) * 32
     lse_p = torch.zeros((B, H, padded), dtype=torch.float32, device=q.device)
     lse_p[..., :Sq] = lse
     seed, offset = _empty_philox(q)
-    dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
-        dout, q, ke, ve, None, out, None, None, Sq, Sk, lse_p, 0.0, seed, offset, 1 if causal else 0, False,
-        scale=scale,
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        _bhsd(dout), _bhsd(q), _bhsd(ke), _bhsd(ve), None, _bhsd(out), lse_p, seed, offset, 0.0,
+        [True, True, True, False], causal, scale=scale,
     )
-    dk, dv = _sum_kv(dk, dv, Hkv)
-    return dq, dk, dv
+    dk, dv = _sum_kv(_bhsd(dk), _bhsd(dv), Hkv)
+    return _bhsd(dq), dk, dv
 
 
 # ---------------------------------------------------------------------------------------------

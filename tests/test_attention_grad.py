@@ -1,0 +1,290 @@
+"""Backward of the SP attention building blocks against float64 autograd references.
+
+* block_attention_backward (math, cpu_flash): one block vs torch autograd; per-block shares from the
+  final merged out/LSE summing to the full gradients; GQA/MQA, causal, empty blocks, chunking.
+* the pack ops' autograd formulas: gradcheck (fp64) and opcheck; all_to_all_autograd via the Ulysses cases.
+* ring / fused_ring / ulysses / usp (attn/grad.py) on 1-4 gloo ranks: every rank's q/k/v gradients
+  equal the single-process full-sequence gradients of its rows, the joint gradients summed over the
+  ranks equal the full ones (fp64 1e-10, fp32 1e-5); uneven and empty shards, auto_pad, causal,
+  GQA/MQA, joint front/rear, B=2.
+* bad input: a forward-only block kernel raises at the first backward, naming backend and kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from sp_kernels.attn import local as fwd
+from sp_kernels.attn import local_backward as lb
+from sp_kernels.attn.local import BlockKernel, block_attention, register_block_kernel
+from sp_kernels.ops import pack as pk
+from tests.attention_cases import case_params
+from tests.attention_reference import reference_attention
+from tests.grad_cases import describe, grad_failures, run_grad_cases
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _rand(gen, *shape, dtype=torch.float64):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _ref_grads(q, k, v, dout, scale, causal):
+    q, k, v = (t.detach().double().clone().requires_grad_() for t in (q, k, v))
+    reference_attention(q, k, v, scale=scale, causal=causal).backward(dout.double())
+    return q.grad, k.grad, v.grad
+
+
+def _close(got, want, dtype) -> None:
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        err = float((g.double() - w).abs().max()) if w.numel() else 0.0
+        assert err <= TOL[dtype] * max(1.0, float(w.abs().max()) if w.numel() else 1.0), err
+
+
+SHAPES = [
+    # B, Sq, Sk, Hq, Hkv, D, causal
+    (1, 7, 7, 4, 4, 8, True),
+    (2, 5, 9, 6, 2, 16, False),  # GQA, Sq != Sk
+    (2, 6, 6, 4, 1, 8, True),  # MQA, causal
+    (1, 1, 3, 2, 2, 4, False),
+]
+
+
+@pytest.mark.parametrize("kernel", ["math", "cpu_flash"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Sq{}-Sk{}-H{}-Hkv{}-D{}-causal{}".format(*s))
+def test_block_backward_matches_autograd(kernel, dtype, shape):
+    B, Sq, Sk, H, Hkv, D, causal = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    q, k, v = _rand(gen, B, Sq, H, D, dtype=dtype), _rand(gen, B, Sk, Hkv, D, dtype=dtype), _rand(
+        gen, B, Sk, Hkv, D, dtype=dtype)
+    dout = _rand(gen, B, Sq, H, D, dtype=dtype)
+    scale = 0.37
+    out, lse = block_attention(q, k, v, softmax_scale=scale, causal=causal)
+    got = lb.block_attention_backward(q, k, v, out, lse, dout, scale=scale, causal=causal, kernels=[kernel])
+    assert all(g.dtype == dtype for g in got)
+    _close(got, _ref_grads(q, k, v, dout, scale, causal), dtype)
+
+
+@pytest.mark.parametrize("kernel", ["math", "cpu_flash"])
+def test_block_shares_from_final_lse_sum_to_full_gradient(kernel):
+    """The ring's premise: per key block, backward with the FINAL out and LSE gives that block's share."""
+    gen = torch.Generator().manual_seed(5)
+    B, Sq, H, Hkv, D = 2, 6, 4, 2, 8
+    splits = [3, 0, 4, 2]
+    q = _rand(gen, B, Sq, H, D)
+    k, v = _rand(gen, B, sum(splits), Hkv, D), _rand(gen, B, sum(splits), Hkv, D)
+    dout = _rand(gen, B, Sq, H, D)
+    out, lse = block_attention(q, k, v, softmax_scale=0.5)
+    dq = torch.zeros_like(q)
+    dks, dvs = [], []
+    for kb, vb in zip(k.split(splits, dim=1), v.split(splits, dim=1)):
+        g = lb.block_attention_backward(q, kb, vb, out, lse, dout, scale=0.5, kernels=[kernel])
+        dq += g[0]
+        dks.append(g[1])
+        dvs.append(g[2])
+    _close((dq, torch.cat(dks, 1), torch.cat(dvs, 1)), _ref_grads(q, k, v, dout, 0.5, False), torch.float64)
+
+
+def test_math_chunks_and_low_precision(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    q, k, v, dout = (_rand(gen, 2, 9, 4, 8) for _ in range(4))
+    k, v = k[:, :, :2], v[:, :, :2]
+    out, lse = block_attention(q, k, v, causal=True)
+    whole = lb.block_attention_backward(q, k, v, out, lse, dout, causal=True, kernels=["math"])
+    monkeypatch.setattr(lb, "MATH_CHUNK_ELEMENTS", 2 * 4 * 9 * 2)  # 2 query rows per chunk
+    chunked = lb.block_attention_backward(q, k, v, out, lse, dout, causal=True, kernels=["math"])
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    # bf16 inputs: fp32 accumulation, grads returned in bf16 or, on request, fp32.
+    qb, kb, vb, db = (t.bfloat16() for t in (q, k, v, dout))
+    ob, lb16 = block_attention(qb, kb, vb, causal=True)
+    g16 = lb.block_attention_backward(qb, kb, vb, ob, lb16, db, causal=True, kernels=["math"])
+    g32 = lb.block_attention_backward(qb, kb, vb, ob, lb16, db, causal=True, kernels=["math"], grad_dtype=torch.float32)
+    assert [g.dtype for g in g16] == [torch.bfloat16] * 3 and [g.dtype for g in g32] == [torch.float32] * 3
+    ref = _ref_grads(qb, kb, vb, db, 1 / 8**0.5, True)
+    for g, w in zip(g32, ref):
+        assert float((g.double() - w).abs().max()) < 0.05 * max(1.0, float(w.abs().max()))
+
+
+def test_empty_blocks_and_rows_without_keys():
+    q = torch.randn(1, 3, 2, 4, dtype=torch.float64)
+    k = torch.randn(1, 0, 2, 4, dtype=torch.float64)
+    out, lse = block_attention(q, k, k)
+    dq, dk, dv = lb.block_attention_backward(q, k, k, out, lse, torch.randn_like(q))
+    assert dq.abs().sum() == 0 and dk.shape == (1, 0, 2, 4) and dv.shape == (1, 0, 2, 4)
+    q0 = q[:, :0]
+    dq, dk, dv = lb.block_attention_backward(q0, q, q, q0, torch.zeros(1, 2, 0, dtype=torch.float64), q0)
+    assert dq.shape == q0.shape and dk.abs().sum() == 0 and dv.abs().sum() == 0
+    # A row whose final LSE is -inf (no keys anywhere) gets zero gradient, not NaN.
+    kk = torch.randn(1, 4, 2, 4, dtype=torch.float64)
+    lse = torch.full((1, 2, 3), float("-inf"), dtype=torch.float64)
+    for kern in ("math", "cpu_flash"):
+        g = lb.block_attention_backward(q, kk, kk, torch.zeros_like(q), lse, torch.randn_like(q), kernels=[kern])
+        assert all(bool(torch.isfinite(t).all()) and t.abs().sum() == 0 for t in g), kern
+
+
+def test_backward_dispatch_reasons_and_gpu_adapters_on_meta():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(lb.NoBackwardKernelError) as e:
+        lb.select_backward_kernel(q, q, q, kernels=["cudnn", "torch_flash", "torch_efficient"])
+    for name in ("cudnn", "torch_flash", "torch_efficient"):
+        assert name in e.value.reasons and "no block backward kernel" in str(e.value)
+    assert lb.select_backward_kernel(q, q, q).name == "cpu_flash"
+    with pytest.raises(lb.NoBackwardKernelError, match=r"\['flash2'\] have no backward"):
+        lb.select_backward_kernel(q, q, q, kernels=["flash2"])
+    with pytest.raises(ValueError, match="unknown block kernel"):
+        lb.select_backward_kernel(q, q, q, kernels=["nope"])
+    # The aten GPU adapters (not run on a GPU here): their calls, on meta tensors, give the right shapes.
+    B, Sq, Sk, H, Hkv, D = 2, 5, 7, 4, 2, 64
+    qm = torch.empty(B, Sq, H, D, device="meta", dtype=torch.float16)
+    km = torch.empty(B, Sk, Hkv, D, device="meta", dtype=torch.float16)
+    lse = torch.empty(B, H, Sq, device="meta")
+    for run in (lb._run_cudnn, lb._run_torch_flash, lb._run_torch_efficient):
+        dq, dk, dv = run(qm, km, km, qm, lse, qm, 0.1, False)
+        assert dq.shape == qm.shape and dk.shape == km.shape and dv.shape == km.shape, run.__name__
+
+
+def test_forward_only_kernel_raises_at_backward():
+    register_block_kernel(BlockKernel("fwd_only_test", fwd._decline_math, fwd._run_math))
+    try:
+        q = torch.randn(1, 4, 2, 8, dtype=torch.float64, requires_grad=True)
+        out = lb.block_attention_grad(q, q, q, scale=0.3, kernels=["fwd_only_test"], backend="ulysses")
+        with pytest.raises(lb.BackwardUnsupportedError, match=r"backend 'ulysses'.*\['fwd_only_test'\] have no backward"):
+            out.sum().backward()
+        assert q.grad is None
+    finally:
+        fwd._KERNELS[:] = [k for k in fwd._KERNELS if k.name != "fwd_only_test"]
+
+
+def test_block_attention_grad_gradcheck():
+    gen = torch.Generator().manual_seed(3)
+    q = _rand(gen, 1, 4, 4, 4).requires_grad_()
+    k = _rand(gen, 1, 4, 2, 4).requires_grad_()
+    v = _rand(gen, 1, 4, 2, 4).requires_grad_()
+    for causal in (False, True):
+        assert torch.autograd.gradcheck(lambda a, b, c, causal=causal: lb.block_attention_grad(a, b, c, scale=0.4, causal=causal),
+                                        (q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------
+# pack ops: autograd formulas
+
+
+def _pack_cases():
+    g = torch.Generator().manual_seed(11)
+    q, kv = _rand(g, 2, 3, 5, 4), _rand(g, 2, 3, 1, 4)
+    kv2 = _rand(g, 2, 3, 4, 4)
+    recv, jq, jk = _rand(g, 2, 2, 3, 5, 4), _rand(g, 2, 2, 3, 4), _rand(g, 2, 2, 1, 4)
+    seq, oj, out_recv = _rand(g, 2, 5, 3, 4), _rand(g, 2, 2, 3, 4), _rand(g, 2, 2, 3, 3, 4)
+    return [
+        ("pack_qkv-mqa", "pack_qkv", (q, kv, kv.clone(), 2, [0, 0])),
+        ("pack_qkv-identity", "pack_qkv", (q[:, :, :4].contiguous(), kv2, kv2.clone(), 2, [0, 1, 2, 3])),
+        ("unpack_qkv-front", "unpack_qkv", (recv, 5, jq, jk, jk.clone(), True)),
+        ("unpack_qkv-rear", "unpack_qkv", (recv, 5, jq, jk, jk.clone(), False)),
+        ("unpack_qkv-nojoint", "unpack_qkv", (recv, 4, None, None, None, True)),
+        ("pack_out-front", "pack_out", (seq, oj, 2, 3, True)),
+        ("pack_out-rear", "pack_out", (seq, oj, 2, 3, False)),
+        ("pack_out-nojoint", "pack_out", (seq[:, :6 - 2], None, 2, 3, True)),
+        ("unpack_out-padheads", "unpack_out", (out_recv, 5)),
+        ("unpack_out", "unpack_out", (out_recv, 6)),
+    ]
+
+
+@pytest.mark.parametrize("case", _pack_cases(), ids=lambda c: c[0])
+def test_pack_op_gradients(case):
+    _, name, args = case
+    args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+    def call(fn):
+        def f(*ts):
+            full = list(args)
+            for i, t in zip(tensors, ts):
+                full[i] = t
+            return fn(*full)
+        return f
+
+    inputs = tuple(args[i] for i in tensors)
+    # The public face (native + formula here), and the torch reference differentiated by autograd.
+    assert torch.autograd.gradcheck(call(getattr(pk, name)), inputs)
+    assert torch.autograd.gradcheck(call(getattr(pk, f"{name}_torch")), inputs)
+    if pk.NATIVE_OPS_REGISTERED:
+        assert torch.autograd.gradcheck(call(getattr(torch.ops.sp_kernels, name)), inputs)
+        torch.library.opcheck(getattr(torch.ops.sp_kernels, name).default, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed: ring / fused_ring / ulysses / usp on gloo ranks
+
+
+def grad_cases(P: int) -> list[dict]:
+    cases: list[dict] = []
+    seed = 7000 * P
+
+    def add(backend: str, degrees: tuple[int, int], **kw) -> None:
+        nonlocal seed
+        seed += 10
+        case = dict(backend=backend, degrees=degrees, batch=1, seq=3 * P + 1, heads=4, kv_heads=2, head_dim=8,
+                    dtype="float64", seed=seed)
+        case.update(kw)
+        cases.append(case)
+
+    if P == 1:
+        for b in ("ring", "ulysses", "usp"):
+            add(b, (1, 1), joint=2, causal=True)
+        return cases
+    odd = 3 * P + 1
+    ring_like = [("ring", {}), ("fused_ring", {"merge": "all"}), ("fused_ring", {"merge": "step"})]
+    for b, extra in ring_like[: 3 if P == 2 else 1]:
+        add(b, (1, P), **extra)
+        add(b, (1, P), batch=2, causal=True, joint=3, strategy="front", **extra)
+        add(b, (1, P), causal=True, joint=2, strategy="rear", heads=4, kv_heads=1, **extra)
+        add(b, (1, P), dtype="float32", joint=2, strategy="rear", **extra)
+    lengths = [2 + r for r in range(P)]
+    lengths[0] = 0  # an empty shard
+    add("ring", (1, P), lengths=lengths, seq=sum(lengths), joint=2, strategy="front", causal=True, heads=6,
+        kv_heads=3)
+    add("ring", (1, P), lengths=lengths[::-1], seq=sum(lengths), joint=1, strategy="rear")
+    add("ring", (1, P), seq=P - 1, joint=2)  # S < P: the last shard is all padding
+    add("ulysses", (P, 1), seq=odd, heads=3, kv_heads=1, joint=2, strategy="rear", causal=True, batch=2)
+    add("ulysses", (P, 1), seq=odd, heads=4, kv_heads=2, joint=2, strategy="front")
+    add("ulysses", (P, 1), seq=odd, dtype="float32", heads=6, kv_heads=6, causal=True)
+    add("usp", (1, P), seq=odd, joint=2, strategy="rear", batch=2)
+    add("usp", (P, 1), seq=odd, joint=2, causal=True)
+    if P == 4:
+        add("usp", (2, 2), seq=odd, joint=2, strategy="front", causal=True, heads=6, kv_heads=2)
+        add("usp", (2, 2), seq=odd, joint=3, strategy="rear", heads=4, kv_heads=1, dtype="float32")
+    if P == 2:
+        # Bad input: a forward-only block kernel -> a clear error at the first backward, on every rank.
+        add("ring", (1, P), kernels=["fwd_only"], joint=2, expect_error=["backend 'ring'", "['fwd_only']",
+                                                                          "no backward"])
+        add("ulysses", (P, 1), kernels=["fwd_only"], expect_error=["backend 'ulysses'", "['fwd_only']"])
+        add("ring", (1, P))  # the ranks still work after the error
+    return cases
+
+
+@functools.cache
+def grad_cases_cached(P: int) -> list[dict]:
+    return grad_cases(P)
+
+
+@pytest.mark.parametrize("world_size,index", case_params(grad_cases_cached, [1, 2, 3, 4]))
+def test_sp_gradients_match_reference(rank_batch, world_size, index):
+    cases = grad_cases_cached(world_size)
+    per_rank = rank_batch(run_grad_cases, world_size, cases)
+    bad = grad_failures(cases[index], [r[index] for r in per_rank])
+    assert not bad, bad[0]
+
+
+def test_grad_case_list_covers_the_features():
+    cases = [c for P in (1, 2, 3, 4) for c in grad_cases(P)]
+    assert {c["backend"] for c in cases} == {"ring", "fused_ring", "ulysses", "usp"}
+    assert {c.get("strategy", "front") for c in cases if c.get("joint")} == {"front", "rear"}
+    assert any(0 in c.get("lengths", []) for c in cases) and any(c.get("causal") for c in cases)
+    assert any(c["kv_heads"] == 1 for c in cases) and any(c["batch"] == 2 for c in cases)
+    assert {c["dtype"] for c in cases} == {"float32", "float64"} and describe(cases[0])
