@@ -288,3 +288,128 @@ def test_grad_case_list_covers_the_features():
     assert any(0 in c.get("lengths", []) for c in cases) and any(c.get("causal") for c in cases)
     assert any(c["kv_heads"] == 1 for c in cases) and any(c["batch"] == 2 for c in cases)
     assert {c["dtype"] for c in cases} == {"float32", "float64"} and describe(cases[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# ring_backward's protocol, in one process: R threads joined by queues (a RingComm test double)
+
+
+class _ThreadRing:
+    """RingComm over in-process queues; logs ("post"/"wait", buffer kind) and the block computes."""
+
+    def __init__(self, rank: int, size: int, queues: list, log: list, grad_ptrs: set) -> None:
+        self.rank, self.size, self.queues, self.log, self.grad_ptrs = rank, size, queues, log, grad_ptrs
+
+    def _kind(self, t: torch.Tensor) -> str:
+        return "g" if t.untyped_storage().data_ptr() in self.grad_ptrs else "kv"
+
+    def post(self, send, recv):
+        self.log.append(("post", self._kind(send)))
+        self.queues[(self.rank + 1) % self.size].put(send.clone())
+        return recv
+
+    def wait(self, recv):
+        self.log.append(("wait", self._kind(recv)))
+        recv.copy_(self.queues[self.rank].get(timeout=30).view_as(recv))
+
+
+def _thread_ring(valid, *, causal, joint_len, strategy, seed=0, monkeypatch=None):
+    import queue
+    import threading
+
+    from sp_kernels.attn import ring_backward as rb
+    from sp_kernels.attn.call import Joint
+
+    R, B, H, Hkv, D = len(valid), 2, 4, 2, 8
+    gen = torch.Generator().manual_seed(seed)
+    S = sum(valid)
+    q, k, v = _rand(gen, B, S, H, D), _rand(gen, B, S, Hkv, D), _rand(gen, B, S, Hkv, D)
+    jq, jk, jv = _rand(gen, B, joint_len, H, D), _rand(gen, B, joint_len, Hkv, D), _rand(gen, B, joint_len, Hkv, D)
+    douts = [_rand(gen, B, n, H, D) for n in valid]
+    djouts = [_rand(gen, B, joint_len, H, D) for _ in valid]
+    queues = [queue.Queue() for _ in range(R)]
+    logs: list[list] = [[] for _ in range(R)]
+    results: list = [None] * R
+    scale = 0.3
+    caches = [{} for _ in range(R)]
+    for c in caches:  # allocate the grad buffers first, so the comm double can tell them apart
+        rb._grad_buffers(c, 2 * B * max(valid) * Hkv * D, torch.float64, q.device, None)
+    grad_ptrs = {b.untyped_storage().data_ptr() for c in caches for b in c[("ring_grad", torch.float64, q.device)]}
+    starts = [sum(valid[:r]) for r in range(R)]
+    real = rb.block_attention_backward
+    tls = threading.local()
+
+    def logged(*a, **kw):
+        tls.log.append(("compute", ""))
+        return real(*a, **kw)
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(rb, "block_attention_backward", logged)
+
+    def rank_fn(r):
+        tls.log = logs[r]
+        comm = _ThreadRing(r, R, queues, logs[r], grad_ptrs)
+        sl = slice(starts[r], starts[r] + valid[r])
+        joint = Joint(jq, jk, jv, strategy) if joint_len else None
+        args = dict(valid=valid, comm=comm, scale=scale, causal=causal, joint=joint, cache=caches[r],
+                    engine=rb.RingEngine())
+        out, lse, oj, lj = rb.ring_forward(q[:, sl], k[:, sl], v[:, sl], **args)
+        logs[r].clear()
+        results[r] = rb.ring_backward(q[:, sl], k[:, sl], v[:, sl], out, lse, douts[r], joint_out=oj, joint_lse=lj,
+                                      joint_dout=djouts[r] if joint_len else None, **args)
+
+    threads = [threading.Thread(target=rank_fn, args=(r,)) for r in range(R)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(res is not None for res in results), "a ring thread failed"
+    # Reference: sum over ranks of <out_r, dout_r> (+ <joint_out, djout_r>), full sequence, fp64 autograd.
+    qq, kk, vv, a, b, c = (t.clone().requires_grad_() for t in (q, k, v, jq, jk, jv))
+    full = reference_attention(qq, kk, vv, scale=scale, causal=causal, joint=(a, b, c) if joint_len else None,
+                               strategy=strategy)
+    J = joint_len
+    seq = full[:, J:] if strategy == "front" else full[:, : full.shape[1] - J]
+    jout = full[:, :J] if strategy == "front" else full[:, full.shape[1] - J :]
+    loss = sum((seq[:, starts[r] : starts[r] + valid[r]] * douts[r]).sum() + (jout * djouts[r]).sum()
+               for r in range(R))
+    loss.backward()
+    for r in range(R):
+        sl = slice(starts[r], starts[r] + valid[r])
+        _close(results[r][:3], (qq.grad[:, sl], kk.grad[:, sl], vv.grad[:, sl]), torch.float64)
+    if J:
+        summed = [sum(results[r][3 + i] for r in range(R)) for i in range(3)]
+        _close(summed, (a.grad, b.grad, c.grad), torch.float64)
+    return logs
+
+
+@pytest.mark.parametrize("valid,causal,joint_len,strategy", [
+    ([3, 4, 2], False, 0, "front"),
+    ([3, 0, 5], True, 2, "front"),
+    ([0, 2, 3, 1], True, 3, "rear"),
+    ([2, 2, 2, 0], False, 1, "rear"),
+], ids=["plain", "empty-causal-front", "empty-causal-rear", "empty-last-rear"])
+def test_ring_backward_protocol_in_process(valid, causal, joint_len, strategy):
+    _thread_ring(valid, causal=causal, joint_len=joint_len, strategy=strategy, seed=len(valid) + joint_len)
+
+
+def test_ring_backward_overlaps_transfers_with_compute(monkeypatch):
+    """Per step: K/V for the next step posted before the step's compute and waited after it; the block's
+    dK/dV accumulator waited only after the step's share was computed, then sent on; R accumulator
+    transfers (the last brings this rank's own block home), R - 1 K/V transfers."""
+    R = 3
+    logs = _thread_ring([3, 4, 2], causal=False, joint_len=0, strategy="front", monkeypatch=monkeypatch)
+    for log in logs:
+        steps, cur = [], []
+        for ev in log:
+            cur.append(ev)
+            if ev == ("post", "g"):
+                steps.append(cur)
+                cur = []
+        tail = cur
+        assert len(steps) == R and tail == [("wait", "g")], log
+        assert steps[0] == [("post", "kv"), ("compute", ""), ("post", "g")], log
+        for s in range(1, R):
+            head = [("wait", "kv")] + ([("post", "kv")] if s < R - 1 else [])
+            assert steps[s] == head + [("compute", ""), ("wait", "g"), ("post", "g")], log
+        assert sum(ev == ("post", "kv") for ev in log) == R - 1 and sum(ev == ("post", "g") for ev in log) == R
