@@ -21,6 +21,7 @@ from sp_kernels.attn.grad import GRAD_BACKENDS
 from sp_kernels.attn.local import BlockKernel, register_block_kernel
 from sp_kernels.distributed.parallel_state import SequenceParallelConfig, init_sequence_parallel
 from tests.attention_reference import random_qkv, reference_attention
+from tests.poison import poisoned
 
 TOL = {"float64": 1e-10, "float32": 1e-5}
 
@@ -146,7 +147,16 @@ def run_grad_case(case: dict) -> dict:
 
 
 def run_grad_cases(cases: list[dict]) -> list[dict]:
-    return [run_grad_case(c) for c in cases]
+    """Every case, with uninitialized allocations NaN-poisoned (tests/poison.py); an exception becomes
+    that case's result."""
+    results = []
+    with poisoned():
+        for case in cases:
+            try:
+                results.append(run_grad_case(case))
+            except Exception as e:  # noqa: BLE001 - reported per case to the parent
+                results.append({"error": f"{type(e).__name__}: {e}"})
+    return results
 
 
 def grad_failures(case: dict, per_rank: list[dict]) -> list[str]:

@@ -16,6 +16,8 @@ import functools
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from sp_kernels.attn import local as fwd
 from sp_kernels.attn import local_backward as lb
@@ -276,6 +278,55 @@ def grad_cases_cached(P: int) -> list[dict]:
 @pytest.mark.parametrize("world_size,index", case_params(grad_cases_cached, [1, 2, 3, 4]))
 def test_sp_gradients_match_reference(rank_batch, world_size, index):
     cases = grad_cases_cached(world_size)
+    per_rank = rank_batch(run_grad_cases, world_size, cases)
+    bad = grad_failures(cases[index], [r[index] for r in per_rank])
+    assert not bad, bad[0]
+
+
+@st.composite
+def random_grad_case(draw, P: int) -> dict:
+    backend = draw(st.sampled_from(["ring", "fused_ring", "ulysses", "usp"]))
+    if backend == "ulysses":
+        degrees = (P, 1)
+    elif backend == "usp":
+        degrees = draw(st.sampled_from([(P, 1), (1, P)]))
+    else:
+        degrees = (1, P)
+    kv_heads = draw(st.integers(1, 3))
+    case = dict(
+        backend=backend, degrees=degrees, batch=draw(st.integers(1, 2)), heads=kv_heads * draw(st.integers(1, 3)),
+        kv_heads=kv_heads, head_dim=draw(st.sampled_from([4, 8])), dtype=draw(st.sampled_from(["float32", "float64"])),
+        causal=draw(st.booleans()), joint=draw(st.integers(0, 3)), strategy=draw(st.sampled_from(["front", "rear"])),
+        seed=draw(st.integers(0, 10**6)), scale=draw(st.floats(0.05, 1.0)),
+    )
+    if backend == "fused_ring":
+        case["merge"] = draw(st.sampled_from(["step", "all"]))
+    if degrees[0] == 1 and draw(st.booleans()):
+        lengths = draw(st.lists(st.integers(0, 5), min_size=P, max_size=P).filter(lambda x: sum(x) > 0))
+        case.update(lengths=lengths, seq=sum(lengths))
+    else:
+        case["seq"] = draw(st.integers(1, 4 * P))
+    return case
+
+
+@functools.cache
+def random_grad_cases(P: int) -> list[dict]:
+    """Drawn at collection, derandomized (every collection draws the same cases; no shrinking across ranks)."""
+    cases: list[dict] = []
+
+    @settings(max_examples=8, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(random_grad_case(P))
+    def collect(case):
+        cases.append(case)
+
+    collect()
+    return cases
+
+
+@pytest.mark.parametrize("world_size,index", case_params(random_grad_cases, [2, 3]))
+def test_random_shapes_gradients(rank_batch, world_size, index):
+    cases = random_grad_cases(world_size)
     per_rank = rank_batch(run_grad_cases, world_size, cases)
     bad = grad_failures(cases[index], [r[index] for r in per_rank])
     assert not bad, bad[0]
