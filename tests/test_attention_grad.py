@@ -159,8 +159,16 @@ def test_forward_only_kernel_raises_at_backward():
         with pytest.raises(lb.BackwardUnsupportedError, match=r"backend 'ulysses'.*\['fwd_only_test'\] have no backward"):
             out.sum().backward()
         assert q.grad is None
+        # Its backward registered under the same name: the same call differentiates.
+        lb.register_backward_kernel(lb.BlockBackwardKernel("fwd_only_test", fwd._decline_math, lb._run_math),
+                                    before="math")
+        assert lb.backward_kernel_names()[-2:] == ["fwd_only_test", "math"]
+        q.grad = None
+        lb.block_attention_grad(q, q, q, scale=0.3, kernels=["fwd_only_test"]).sum().backward()
+        assert q.grad is not None and bool(torch.isfinite(q.grad).all())
     finally:
         fwd._KERNELS[:] = [k for k in fwd._KERNELS if k.name != "fwd_only_test"]
+        lb._KERNELS[:] = [k for k in lb._KERNELS if k.name != "fwd_only_test"]
 
 
 def test_block_attention_grad_gradcheck():

@@ -74,7 +74,8 @@ class NoBackwardKernelError(NoKernelError):
         super().__init__(what, reasons)
         if self.forward_only:
             self.args = (
-                f"block kernel(s) {self.forward_only} have no backward (backward kernels: {backward_kernel_names()}); "
+                f"block kernel(s) {self.forward_only} have no backward (backward kernels: {backward_kernel_names()}; "
+                "add one with register_backward_kernel); "
                 f"{self.args[0]}",
             )
         else:
@@ -228,6 +229,22 @@ _KERNELS: list[BlockBackwardKernel] = [
 
 def backward_kernel_names() -> list[str]:
     return [kern.name for kern in _KERNELS]
+
+
+def register_backward_kernel(kernel: BlockBackwardKernel, *, before: str | None = None) -> None:
+    """Add (or replace, by name) a backward candidate; ``before`` places it ahead of an existing one.
+    A forward kernel added with ``register_block_kernel`` gets its backward under the same name."""
+    for i, existing in enumerate(_KERNELS):
+        if existing.name == kernel.name:
+            del _KERNELS[i]
+            break
+    if before is None:
+        _KERNELS.append(kernel)
+        return
+    names = backward_kernel_names()
+    if before not in names:
+        raise ValueError(f"register_backward_kernel(before={before!r}): no kernel of that name; expected one of {names}")
+    _KERNELS.insert(names.index(before), kernel)
 
 
 def _requested(kernels: Sequence[str] | None) -> list[str] | None:
