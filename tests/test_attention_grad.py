@@ -151,6 +151,43 @@ def test_backward_dispatch_reasons_and_gpu_adapters_on_meta():
         assert dq.shape == qm.shape and dk.shape == km.shape and dv.shape == km.shape, run.__name__
 
 
+_GPU_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 2e-4}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the aten backward adapters run only there)")
+@pytest.mark.parametrize("kernel", ["cudnn", "torch_flash", "torch_efficient", "math"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_backward_adapters_match_reference(kernel, dtype, causal):
+    """Each aten adapter, given the FINAL merged out/LSE of two key blocks (what the ring hands it), returns
+    each block's share; summed they match the fp64 reference gradients."""
+    from tests.attention_reference import random_qkv
+
+    q, k, v = (t.cuda() for t in random_qkv(21, 2, 77, 8, 2, 64, dtype))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype).cuda()
+    kern = lb._KERNELS[lb.backward_kernel_names().index(kernel)]
+    why = kern.decline(q, k, v, causal)
+    if why is not None:
+        pytest.skip(f"{kernel} declines on this GPU: {why}")
+    out, lse = block_attention(q, k, v, softmax_scale=0.2, causal=causal)
+    if causal:  # a causal block is square: one block only
+        parts = [(k, v, True)]
+    else:
+        parts = [(k[:, :40], v[:, :40], False), (k[:, 40:], v[:, 40:], False)]
+    dq, dks, dvs = 0, [], []
+    for kb, vb, c in parts:
+        g = lb.block_attention_backward(q, kb, vb, out, lse, dout, scale=0.2, causal=c, kernels=[kernel],
+                                        grad_dtype=torch.float32)
+        dq = dq + g[0]
+        dks.append(g[1])
+        dvs.append(g[2])
+    torch.cuda.synchronize()
+    ref = _ref_grads(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), 0.2, causal)
+    for got, want in zip((dq, torch.cat(dks, 1), torch.cat(dvs, 1)), ref):
+        err = float((got.cpu().double() - want).abs().max())
+        assert err <= _GPU_TOL[dtype] * max(1.0, float(want.abs().max())), (kernel, err)
+
+
 def test_forward_only_kernel_raises_at_backward():
     register_block_kernel(BlockKernel("fwd_only_test", fwd._decline_math, fwd._run_math))
     try:
@@ -372,7 +409,7 @@ class _ThreadRing:
         recv.copy_(self.queues[self.rank].get(timeout=30).view_as(recv))
 
 
-def _thread_ring(valid, *, causal, joint_len, strategy, seed=0, monkeypatch=None):
+def _thread_ring(valid, *, causal, joint_len, strategy, seed=0, monkeypatch=None, device="cpu", engine=None):
     import queue
     import threading
 
@@ -386,14 +423,17 @@ def _thread_ring(valid, *, causal, joint_len, strategy, seed=0, monkeypatch=None
     jq, jk, jv = _rand(gen, B, joint_len, H, D), _rand(gen, B, joint_len, Hkv, D), _rand(gen, B, joint_len, Hkv, D)
     douts = [_rand(gen, B, n, H, D) for n in valid]
     djouts = [_rand(gen, B, joint_len, H, D) for _ in valid]
+    dev = torch.device(device)
+    on = [t.to(dev) for t in (q, k, v, jq, jk, jv)]
+    douts_on, djouts_on = [t.to(dev) for t in douts], [t.to(dev) for t in djouts]
     queues = [queue.Queue() for _ in range(R)]
     logs: list[list] = [[] for _ in range(R)]
     results: list = [None] * R
     scale = 0.3
     caches = [{} for _ in range(R)]
     for c in caches:  # allocate the grad buffers first, so the comm double can tell them apart
-        rb._grad_buffers(c, 2 * B * max(valid) * Hkv * D, torch.float64, q.device, None)
-    grad_ptrs = {b.untyped_storage().data_ptr() for c in caches for b in c[("ring_grad", torch.float64, q.device)]}
+        rb._grad_buffers(c, 2 * B * max(valid) * Hkv * D, torch.float64, dev, None)
+    grad_ptrs = {b.untyped_storage().data_ptr() for c in caches for b in c[("ring_grad", torch.float64, dev)]}
     starts = [sum(valid[:r]) for r in range(R)]
     real = rb.block_attention_backward
     tls = threading.local()
@@ -409,13 +449,17 @@ def _thread_ring(valid, *, causal, joint_len, strategy, seed=0, monkeypatch=None
         tls.log = logs[r]
         comm = _ThreadRing(r, R, queues, logs[r], grad_ptrs)
         sl = slice(starts[r], starts[r] + valid[r])
-        joint = Joint(jq, jk, jv, strategy) if joint_len else None
+        dq_, dk_, dv_, djq_, djk_, djv_ = on
+        joint = Joint(djq_, djk_, djv_, strategy) if joint_len else None
         args = dict(valid=valid, comm=comm, scale=scale, causal=causal, joint=joint, cache=caches[r],
-                    engine=rb.RingEngine())
-        out, lse, oj, lj = rb.ring_forward(q[:, sl], k[:, sl], v[:, sl], **args)
+                    engine=engine if engine is not None else rb.RingEngine())
+        out, lse, oj, lj = rb.ring_forward(dq_[:, sl], dk_[:, sl], dv_[:, sl], **args)
         logs[r].clear()
-        results[r] = rb.ring_backward(q[:, sl], k[:, sl], v[:, sl], out, lse, douts[r], joint_out=oj, joint_lse=lj,
-                                      joint_dout=djouts[r] if joint_len else None, **args)
+        res = rb.ring_backward(dq_[:, sl], dk_[:, sl], dv_[:, sl], out, lse, douts_on[r], joint_out=oj,
+                               joint_lse=lj, joint_dout=djouts_on[r] if joint_len else None, **args)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        results[r] = tuple(None if t is None else t.cpu() for t in res)
 
     threads = [threading.Thread(target=rank_fn, args=(r,)) for r in range(R)]
     for t in threads:
@@ -450,6 +494,17 @@ def _thread_ring(valid, *, causal, joint_len, strategy, seed=0, monkeypatch=None
 ], ids=["plain", "empty-causal-front", "empty-causal-rear", "empty-last-rear"])
 def test_ring_backward_protocol_in_process(valid, causal, joint_len, strategy):
     _thread_ring(valid, causal=causal, joint_len=joint_len, strategy=strategy, seed=len(valid) + joint_len)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the comm-stream path of ring_backward)")
+def test_gpu_ring_backward_on_the_comm_stream():
+    """fused_ring's engine on CUDA: transfers on the comm stream (StreamOrderedComm around the queue
+    double), ordered by events only; fp64 (the math kernel) so the gradients stay exact."""
+    from sp_kernels.attn.ring import default_engine
+
+    for merge in ("step", "all"):
+        _thread_ring([3, 0, 5], causal=True, joint_len=2, strategy="rear", seed=3, device="cuda",
+                     engine=default_engine(merge, "cuda"))
 
 
 def test_ring_backward_overlaps_transfers_with_compute(monkeypatch):
