@@ -527,3 +527,12 @@ def test_ring_backward_overlaps_transfers_with_compute(monkeypatch):
             head = [("wait", "kv")] + ([("post", "kv")] if s < R - 1 else [])
             assert steps[s] == head + [("compute", ""), ("wait", "g"), ("post", "g")], log
         assert sum(ev == ("post", "kv") for ev in log) == R - 1 and sum(ev == ("post", "g") for ev in log) == R
+
+
+def test_backend_table_names_the_differentiable_implementations():
+    from sp_kernels.attn import grad
+    from sp_kernels.attn.backends import SP_BACKEND_NAMES, grad_backend_function
+
+    assert {n: grad_backend_function(n) for n in SP_BACKEND_NAMES} == grad.GRAD_BACKENDS
+    with pytest.raises(ValueError, match="no differentiable implementation"):
+        grad_backend_function("local")

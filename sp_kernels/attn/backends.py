@@ -114,3 +114,26 @@ def restore_backend(name: str) -> None:
 
 def registered_backends() -> tuple[str, ...]:
     return ("local", *SP_BACKEND_NAMES)
+
+
+# Differentiable implementations (attn/grad.py): what runs a backend when gradients are needed.
+GRAD_IMPLS: dict[str, str] = {
+    "ulysses": ".grad:ulysses_attention_grad",
+    "ring": ".grad:ring_attention_grad",
+    "usp": ".grad:usp_attention_grad",
+    "fused_ring": ".grad:fused_ring_attention_grad",
+}
+
+
+def grad_backend_function(name: str) -> BackendFn:
+    """The differentiable function of sequence-parallel backend ``name`` (same signature and result as
+    ``backend_function``'s). A replacement registered with ``register_backend`` runs as is: whether it
+    is differentiable is its own business."""
+    fn = _replaced.get(name)
+    if fn is not None:
+        return fn
+    impl = GRAD_IMPLS.get(name)
+    if impl is None:
+        raise ValueError(f"backend {name!r} has no differentiable implementation; expected one of {list(GRAD_IMPLS)}")
+    module, attr = impl.split(":")
+    return getattr(importlib.import_module(module, __package__), attr)
