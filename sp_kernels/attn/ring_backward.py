@@ -244,7 +244,6 @@ def ring_backward(
         djq = torch.zeros(jq.shape, dtype=acc, device=q.device)
         djk = torch.zeros(jk.shape, dtype=acc, device=q.device)
         djv = torch.zeros(jv.shape, dtype=acc, device=q.device)
-        # Joint K/V, outside the ring (computed while the first transfer is in flight on R > 1).
 
     if R == 1:
         dk, dv = torch.zeros((B, n, Hkv, D), dtype=acc, device=q.device), torch.zeros(
@@ -276,6 +275,7 @@ def ring_backward(
                 recv = _kv_view(bufs[(step + 1) % 2], B, valid[nxt], Hkv, D)
                 kv_handle = comm.post(send, recv)
             if step == 0:
+                # The joint K/V block, outside the ring: computed while the first transfer is in flight.
                 _joint_local(grads, q, out, lse, dout, joint, joint_out, joint_lse, joint_dout, causal,
                              seq_sees_joint, dq, djq, djk, djv)
                 kb, vb = k, v
