@@ -121,15 +121,13 @@ def test_joint_errors():
         attention(q, k, v, joint_query=jq, joint_key=jk.double(), joint_value=jv)
 
 
-def test_sharded_region_rejects_cross_attention_and_grad():
+def test_sharded_region_rejects_cross_attention():
     state = SPState(config=SequenceParallelConfig(ulysses_degree=2))
     q, k, v = _qkv()
     with sp_forward_context(state) as ctx:
         ctx.sharded = True
         with pytest.raises(ValueError, match="use backend='local'"):
             attention(q, k[:, :3], v[:, :3])
-        with pytest.raises(NotImplementedError, match="forward-only"):
-            attention(q.requires_grad_(), k, v)
 
 
 def test_resolve_backend_auto_and_registry():

@@ -26,6 +26,7 @@ from .backends import (
     BACKENDS,
     BackendFn,
     backend_function,
+    grad_backend_function,
     register_backend,
     registered_backends,
     resolve_backend,
@@ -361,13 +362,6 @@ def sharded_attention(
         reason = reason if reason is not None else e
 
     _check_degrees(name, state)
-    grads = [t for t in (query, key, value) if t.requires_grad] + (
-        [t for t in (joint.query, joint.key, joint.value) if t.requires_grad] if joint is not None else [])
-    if grads and torch.is_grad_enabled():
-        raise NotImplementedError(
-            "attention: sequence-parallel backends are forward-only (no backward yet); run under torch.no_grad() "
-            "or torch.inference_mode()"
-        )
     layout = roles.q_layout
     if layout is not None and layout.sp_size != state.sp_size:
         raise ValueError(
@@ -376,11 +370,19 @@ def sharded_attention(
     if layout is not None and (layout.prefix_len or layout.suffix_len):
         query, key, value, joint = _split_replicated(query, key, value, joint, layout)
     call = AttentionCall(query, key, value, scale, causal, joint, name, state, layout)
+    needs_grad = call.needs_grad()
+    if needs_grad and bias is not None and reason is None:
+        # Refused through the exchange, so every rank raises (the differentiable backends take no mask).
+        reason = NotImplementedError(
+            f"attention (backend {name!r}): an attention mask under autograd is not supported yet (the backward "
+            "takes no mask); run the masked call under torch.no_grad(), or without a mask"
+        )
     try:
         rows = _exchange(call, name, reason, bias)
         if bias is not None:
             call = _with_full_mask(call, bias, rows, ctx)
-        return backend_function(name)(call, [r[1] for r in rows])
+        run = grad_backend_function(name) if needs_grad else backend_function(name)
+        return run(call, [r[1] for r in rows])
     except BaseException as e:
         # Another rank may now wait in a collective this one left: later calls must not cross with it.
         state.mark_broken(f"{type(e).__name__} in {name} attention: {e}")
@@ -405,7 +407,7 @@ def attention(
     """softmax(q k^T * scale + mask) v over the full (sharded) sequence plus optional joint tokens.
 
     Returns ``[B, J + S_local, Hq, D]``: joint rows first for ``joint_strategy="front"``, last for
-    ``"rear"``; the joint rows are identical on every rank. Forward only under SP (no autograd).
+    ``"rear"``; the joint rows are identical on every rank. Differentiable under every backend (attn/grad.py).
 
     Inside a sharded region the record of this forward (context.py) decides what the inputs are:
     a query with a sharded sequence's local length is that shard; K/V with the query's length are

@@ -42,6 +42,7 @@ AGREED = (
     "layout true_len",
     "layout local_len",
     "layout sp_size",
+    "gradients",
 )
 PER_RANK = ("local rows", "valid rows", "refused")
 # Per rank after those: the mask (attn/mask.py ``describe``: present, batch, heads, queries, keys) and its checksum.
@@ -74,6 +75,7 @@ def _vector(call: AttentionCall, backend_names: list[str]) -> list[int]:
         layout.true_len if layout is not None else -1,
         layout.local_len if layout is not None else -1,
         layout.sp_size if layout is not None else -1,
+        int(call.needs_grad()),
         q.shape[1],
         call.valid_rows(call.state.sp_rank),
     ]
@@ -88,6 +90,8 @@ def _show(field: str, value: int, backend_names: list[str]) -> str:
         return repr(struct.unpack("<d", struct.pack("<q", value))[0])
     if field == "joint strategy":
         return {0: "'front'", 1: "'rear'"}.get(value, "no joint tokens")
+    if field == "gradients":
+        return "needed" if value else "not needed"
     if field.startswith("layout") and value == -1:
         return "no layout"
     return str(value)

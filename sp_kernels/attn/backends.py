@@ -23,7 +23,8 @@ BackendFn = Callable[[Any, list[int]], Any]
 @dataclass(frozen=True)
 class Backend:
     """One backend. ``needs_*``: degrees it cannot run otherwise; ``impl``: ``"module:function"``
-    (module relative to sp_kernels.attn), None where ``attention()`` itself decides ("auto", "local")."""
+    (module relative to sp_kernels.attn), None where ``attention()`` itself decides ("auto", "local");
+    ``grad_impl``: the differentiable implementation (attn/grad.py) that runs when gradients are needed."""
 
     name: str
     impl: str | None
@@ -31,6 +32,7 @@ class Backend:
     needs_ulysses_1: bool = False
     needs_ring_1: bool = False
     needs_size_1: bool = False
+    grad_impl: str | None = None
 
     def unmet(self, ulysses_degree: int, ring_degree: int) -> str | None:
         """The degree these degrees set to more than the backend's 1 ("sequence_parallel_size",
@@ -49,12 +51,14 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("auto", None, "the first backend of AUTO_ORDER that runs the degrees"),
         Backend("local", None, "attention on this rank's tensors only, no communication", needs_size_1=True),
-        Backend("ulysses", ".ulysses:ulysses_attention", "all-to-all sequence <-> heads", needs_ring_1=True),
+        Backend("ulysses", ".ulysses:ulysses_attention", "all-to-all sequence <-> heads", needs_ring_1=True,
+                grad_impl=".grad:ulysses_attention_grad"),
         Backend("ring", ".ring:ring_attention", "reference ring: current stream, running merge",
-                needs_ulysses_1=True),
-        Backend("usp", ".usp:usp_attention", "Ulysses inside each group x the fused_ring engine across"),
+                needs_ulysses_1=True, grad_impl=".grad:ring_attention_grad"),
+        Backend("usp", ".usp:usp_attention", "Ulysses inside each group x the fused_ring engine across",
+                grad_impl=".grad:usp_attention_grad"),
         Backend("fused_ring", ".ring:fused_ring_attention", "ring with transfers overlapped with compute",
-                needs_ulysses_1=True),
+                needs_ulysses_1=True, grad_impl=".grad:fused_ring_attention_grad"),
     )
 }
 # Names accepted by SequenceParallelConfig.attention_backend / attention(backend=...). The order is
@@ -114,3 +118,18 @@ def restore_backend(name: str) -> None:
 
 def registered_backends() -> tuple[str, ...]:
     return ("local", *SP_BACKEND_NAMES)
+
+
+def grad_backend_function(name: str) -> BackendFn:
+    """The differentiable function of sequence-parallel backend ``name`` (same signature and result as
+    ``backend_function``'s). A replacement registered with ``register_backend`` runs as is: whether it
+    is differentiable is its own business."""
+    fn = _replaced.get(name)
+    if fn is not None:
+        return fn
+    impl = BACKENDS[name].grad_impl if name in BACKENDS else None
+    if impl is None:
+        have = [n for n, b in BACKENDS.items() if b.grad_impl]
+        raise ValueError(f"backend {name!r} has no differentiable implementation; expected one of {have}")
+    module, attr = impl.split(":")
+    return getattr(importlib.import_module(module, __package__), attr)

@@ -49,6 +49,15 @@ class AttentionCall:
             return self.query.shape[1]
         return self.layout.valid_rows(sp_rank)
 
+    def needs_grad(self) -> bool:
+        """Whether autograd records this call: the differentiable backends run it (attn/grad.py)."""
+        if not torch.is_grad_enabled():
+            return False
+        tensors = (self.query, self.key, self.value)
+        if self.joint is not None:
+            tensors += (self.joint.query, self.joint.key, self.joint.value)
+        return any(t.requires_grad for t in tensors)
+
 
 def _shape(t: Tensor) -> str:
     return str(list(t.shape))

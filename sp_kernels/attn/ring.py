@@ -39,6 +39,7 @@ rank), so the joint output is bitwise identical on every rank.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -144,11 +145,15 @@ class _MergeStep:
         else:
             merge_into(self.out, self.lse, out, lse)
 
-    def write(self, dest: Tensor) -> None:
+    def write(self, dest: Tensor, dest_lse: Tensor | None = None) -> None:
         if self.out is None:
             dest.zero_()
+            if dest_lse is not None:
+                dest_lse.fill_(float("-inf"))
         else:
             dest.copy_(self.out)
+            if dest_lse is not None:
+                dest_lse.copy_(self.lse)
 
 
 class _MergeAll:
@@ -161,24 +166,37 @@ class _MergeAll:
     def add(self, out: Tensor, lse: Tensor) -> None:
         self.parts.append((out, lse))
 
-    def write(self, dest: Tensor) -> None:
+    def write(self, dest: Tensor, dest_lse: Tensor | None = None) -> None:
         if not self.parts:
             dest.zero_()
-        elif len(self.parts) == 1:
+            if dest_lse is not None:
+                dest_lse.fill_(float("-inf"))
+            return
+        if len(self.parts) == 1:
             dest.copy_(self.parts[0][0])
+            lse = self.parts[0][1]
         else:
-            merge_all(self.parts, self.dtype, dest=dest)
+            lse = merge_all(self.parts, self.dtype, dest=dest)[1]
+        if dest_lse is not None:
+            dest_lse.copy_(lse)
 
 
 def _attend(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, mask: BlockMask | None, causal: bool | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    mask: BlockMask | None,
+    causal: bool | None = None,
+    kernels: Sequence[str] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One block: ``block_attention`` (looked up here, so tests can wrap it) without a mask, else ``attend_block``."""
     if mask is not None:
         return attend_block(q, k, v, scale, mask)
+    extra = {} if kernels is None else {"kernels": kernels}
     if causal is None:
-        return block_attention(q, k, v, softmax_scale=scale)
-    return block_attention(q, k, v, softmax_scale=scale, causal=causal)
+        return block_attention(q, k, v, softmax_scale=scale, **extra)
+    return block_attention(q, k, v, softmax_scale=scale, causal=causal, **extra)
 
 
 def ring_core(
@@ -196,6 +214,9 @@ def ring_core(
     cache: dict,
     engine: RingEngine | None = None,
     mask: FullMask | None = None,
+    out_lse: Tensor | None = None,
+    joint_lse: Tensor | None = None,
+    kernels: Sequence[str] | None = None,
 ) -> None:
     """Attention of this rank's queries over all ring blocks (+ joint tokens), written into the outputs.
     ``cache`` keeps the receive buffers across calls (``ring_buffers``).
@@ -206,6 +227,9 @@ def ring_core(
     without one, so its ring part is fused_ring. ``mask``: the call's mask in the full frame (ring block
     ``src`` holds sequence rows ``sum(valid[:src])`` on); each block attends with its slice of it, and a
     query row that the slice excludes entirely contributes lse -inf (nothing) to the merge.
+    ``out_lse`` ``[B, Hq, valid[rank]]`` / ``joint_lse`` ``[B, Hq, J]``: when given, the merged LSE is
+    written there too (the backward recomputes from it; rows without keys get -inf). ``kernels``:
+    restrict the block kernels (the backward needs ones that have a backward).
     """
     if engine is None:
         engine = default_engine(device_type=q.device.type)
@@ -266,17 +290,19 @@ def ring_core(
             if step == 0 and joint is not None:
                 # Joint K/V are local: computed while the first transfer is already in flight.
                 if seq_sees_joint and has_q:
-                    local.add(*_attend(q, joint.key, joint.value, scale, blk("q", None)))
-                joint_parts.append(_attend(joint.query, joint.key, joint.value, scale, blk("joint", None), causal))
+                    local.add(*_attend(q, joint.key, joint.value, scale, blk("q", None), kernels=kernels))
+                joint_parts.append(
+                    _attend(joint.query, joint.key, joint.value, scale, blk("joint", None), causal, kernels)
+                )
             if step == 0:
                 kb, vb = k, v
             else:
                 kv = _kv_view(bufs[step % 2], B, valid[src], Hkv, D)
                 kb, vb = kv[0], kv[1]
             if valid[src] and has_q and (not causal or src <= rank):
-                local.add(*_attend(q, kb, vb, scale, blk("q", src), causal and src == rank))
+                local.add(*_attend(q, kb, vb, scale, blk("q", src), causal and src == rank, kernels))
             if joint_in_ring and valid[src]:
-                joint_by_src[src] = _attend(joint.query, kb, vb, scale, blk("joint", src))  # type: ignore[union-attr]
+                joint_by_src[src] = _attend(joint.query, kb, vb, scale, blk("joint", src), kernels=kernels)  # type: ignore[union-attr]
             if handle is not None:
                 done, handle = handle, None
                 comm.wait(done)
@@ -289,10 +315,12 @@ def ring_core(
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 pass
         raise
-    local.write(out_seq)
+    local.write(out_seq, out_lse)
     if joint is not None and out_joint is not None:
         parts = joint_parts + [joint_by_src[s] for s in sorted(joint_by_src)]
-        merge_all(parts, acc_dtype, dest=out_joint)
+        lse = merge_all(parts, acc_dtype, dest=out_joint)[1]
+        if joint_lse is not None:
+            joint_lse.copy_(lse)
 
 
 def run_ring(call: AttentionCall, valid: list[int], comm: RingComm | None, engine: RingEngine) -> Tensor:

@@ -44,6 +44,32 @@ def all_to_all(send: Tensor, group: dist.ProcessGroup | None, out: Tensor | None
     return recv
 
 
+class _AllToAll(torch.autograd.Function):
+    """all_to_all with a backward: the exchange is its own transpose (the gradient of received chunk
+    ``i`` goes back to rank ``i``, where it is the gradient of that rank's send chunk for this rank)."""
+
+    @staticmethod
+    def forward(ctx, send: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return all_to_all(send, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return all_to_all(grad.contiguous(), ctx.group), None
+
+
+def all_to_all_autograd(send: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """``all_to_all`` that autograd differentiates: its backward is the all-to-all of the gradients
+    (same split, which for equal chunks is the transposed one). Every rank of ``group`` must run the
+    backward too (the backward is a collective). A group of size 1 returns ``send`` unchanged."""
+    size = group_size(group)
+    if size == 1:
+        if send.shape[0] != 1:
+            raise ValueError(f"all_to_all: dim 0 of the send buffer ({send.shape[0]}) must equal the group size 1")
+        return send
+    return _AllToAll.apply(send, group)
+
+
 # Every metadata exchange has this many int64 slots, so two ranks that reached DIFFERENT exchanges
 # (inputs that differ across ranks steered them apart) still match sizes and can tell, instead of gloo
 # aborting the process on a size mismatch.

@@ -42,8 +42,9 @@ class Op:
 
     ``family`` names ops that choose one implementation together (the merge ops share their native
     kernels' availability and one ``SP_KERNELS_IMPL`` error text); it defaults to the op's name.
-    ``grad_takes_torch``: native and Triton have no backward, so a call that needs gradients takes
-    the differentiable torch implementation.
+    ``grad_takes_torch``: Triton has no backward, so a call that needs gradients takes the
+    differentiable torch implementation -- or the native op when it is the choice and has an
+    ``autograd`` formula (registered with torch.library.register_autograd).
     """
 
     def __init__(
@@ -95,11 +96,14 @@ class Op:
         return self.reference(*args)
 
     def _choose(self, args: tuple[Any, ...]) -> str:
+        impl = impl_for(self.family, _device_type(args[0]))
         if self.grad_takes_torch and torch.is_grad_enabled():
             for a in args:  # a loop, not any(): this runs on every call
                 if isinstance(a, Tensor) and a.requires_grad:
-                    return "torch"
-        return impl_for(self.family, _device_type(args[0]))
+                    # The native op differentiates through its registered formula; Triton has none.
+                    native_grad = impl == "native" and self.native is not None and self.autograd is not None
+                    return "native" if native_grad else "torch"
+        return impl
 
     def _explain(self, native_error: RuntimeError, args: tuple[Any, ...]) -> None:
         try:

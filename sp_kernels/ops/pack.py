@@ -25,9 +25,11 @@ float64, float16, bfloat16 (a pure copy: bits are moved, never converted).
 Implementations: ``native`` (C++ CPU / CUDA kernels in csrc/, schema in csrc/ops.cpp), ``triton``
 (sp_kernels/ops/triton/pack.py; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and ``torch``
 (the reference below, a few strided copies). Each op is declared once in
-this module (sp_kernels/ops/_registry.py). The native ops have fake impls for torch.compile but no
-autograd formula: the sequence-parallel backends are forward-only, and a call that needs gradients
-takes the (differentiable) torch implementation.
+this module (sp_kernels/ops/_registry.py). The native ops have fake impls for torch.compile and
+autograd formulas (torch.library.register_autograd): the backward of each op is the reverse layout
+change, through the other ops (pack_qkv <-> unpack_out-shaped, unpack_qkv <-> pack_out), padding
+rows and heads getting zero gradient. Triton has no backward: a call that needs gradients takes the
+native op when that is the choice, else the (differentiable) torch implementation.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from collections.abc import Iterable
 import torch
 
 from ._checks import Converter, at_least, flag, int_list, integer, optional_tensor, same_device, tensor, typed
-from ._registry import Op, candidates, impl_for, register_native
+from ._registry import Autograd, Op, candidates, impl_for, register_native
 
 Tensor = torch.Tensor
 
@@ -280,12 +282,100 @@ def _unpack_out_fake(recv, heads) -> Tensor:
     return recv.new_empty((B, R, heads, D))
 
 
+# ---- autograd: each op's backward is the reverse layout change (padding rows/heads get zero grad) ----
+#
+# The backward of a pack is the matching unpack-shaped gather and vice versa, through the public faces
+# where one fits (so the native kernels run there too, and a double backward differentiates them again).
+
+
+def _rows_of(t: Tensor) -> Tensor:
+    D = t.shape[-1]
+    if (t.shape[-1] <= 1 or t.stride(-1) == 1) and (t.shape[-2] <= 1 or t.stride(-2) == D):
+        return t
+    return t.contiguous()
+
+
+def _pack_qkv_setup(ctx, inputs, output) -> None:
+    q, k, v, world_size, kv_index = inputs
+    ctx.heads, ctx.kv_heads, ctx.P, ctx.kv_index = q.shape[2], k.shape[2], world_size, list(kv_index)
+
+
+def _pack_qkv_backward(ctx, grad: Tensor):
+    P, Hq, Hkv, index = ctx.P, ctx.heads, ctx.kv_heads, ctx.kv_index
+    _, B, S, W, D = grad.shape
+    hq, nkv = -(-Hq // P), len(index) // P
+    dq = unpack_out(grad[..., :hq, :].contiguous(), Hq)  # padding heads dropped: they get no gradient
+
+    def kv_grad(slot: int) -> Tensor:
+        g = grad[..., slot : slot + nkv, :].permute(1, 2, 0, 3, 4).reshape(B, S, P * nkv, D)
+        if index == list(range(Hkv)):
+            return g.contiguous()
+        # A KV head replicated into several chunks (MQA / narrow GQA) sums the gradients of its copies.
+        idx = torch.tensor(index, dtype=torch.long, device=grad.device)
+        return grad.new_zeros((B, S, Hkv, D)).index_add_(2, idx, g)
+
+    return dq, kv_grad(hq), kv_grad(hq + nkv), None, None
+
+
+def _unpack_qkv_setup(ctx, inputs, output) -> None:
+    recv, seq_len, joint_q, joint_k, joint_v, joint_front = inputs
+    ctx.P, ctx.S_loc = recv.shape[0], recv.shape[2]
+    ctx.seq_len, ctx.front = seq_len, joint_front
+    ctx.J = 0 if joint_q is None else joint_q.shape[1]
+    ctx.hq = 0 if joint_q is None else joint_q.shape[2]
+    ctx.nkv = 0 if joint_k is None else joint_k.shape[2]
+
+
+def _unpack_qkv_backward(ctx, grad: Tensor):
+    S, J = ctx.seq_len, ctx.J
+    seq0, j0 = (J, 0) if ctx.front else (0, S)
+    # The received chunks' gradient is the send layout of the sequence rows' gradient: pack_out's
+    # layout (zero rows where a rank held padding).
+    drecv = pack_out(_rows_of(grad[:, seq0 : seq0 + S]), None, ctx.P, ctx.S_loc, True)
+    if not J:
+        return drecv, None, None, None, None, None
+    hq, nkv = ctx.hq, ctx.nkv
+    gj = grad[:, j0 : j0 + J]
+    return drecv, None, gj[:, :, :hq], gj[:, :, hq : hq + nkv], gj[:, :, hq + nkv :], None
+
+
+def _pack_out_setup(ctx, inputs, output) -> None:
+    out_seq, out_joint, world_size, local_len, joint_front = inputs
+    ctx.S, ctx.L, ctx.front = out_seq.shape[1], local_len, joint_front
+    ctx.J = 0 if out_joint is None else out_joint.shape[1]
+
+
+def _pack_out_backward(ctx, grad: Tensor):
+    S, L, J = ctx.S, ctx.L, ctx.J
+    seq0, j0 = (J, 0) if ctx.front else (0, L)
+    # Rows past S were zero padding: unpack_qkv keeps the first S rows of the rank-ordered chunks.
+    d_seq = unpack_qkv(grad[:, :, seq0 : seq0 + L].contiguous(), S)
+    # Every chunk carried a copy of the joint rows: their gradients add up.
+    d_joint = grad[:, :, j0 : j0 + J].sum(0) if J else None
+    return d_seq, d_joint, None, None, None
+
+
+def _unpack_out_setup(ctx, inputs, output) -> None:
+    recv, heads = inputs
+    ctx.P, ctx.hq, ctx.heads = recv.shape[0], recv.shape[3], heads
+
+
+def _unpack_out_backward(ctx, grad: Tensor):
+    P, hq, H = ctx.P, ctx.hq, ctx.heads
+    B, R, _, D = grad.shape
+    if H == P * hq:
+        return grad.reshape(B, R, P, hq, D).permute(2, 0, 1, 3, 4).contiguous(), None
+    full = grad.new_zeros((B, R, P * hq, D))  # padding heads: zero gradient
+    full[:, :, :H].copy_(grad)
+    return full.view(B, R, P, hq, D).permute(2, 0, 1, 3, 4).contiguous(), None
+
+
 # ---- the ops and their public faces -----------------------------------------------------------
 
 
-def _declare(name: str, reference, check, fake, triton=None, **arg_types: Converter) -> Op:
-    # Every pack op takes the differentiable torch path when gradients are needed, and by default
-    # the Triton launcher of its own name.
+def _declare(name: str, reference, check, fake, triton=None, autograd=None, **arg_types: Converter) -> Op:
+    # Every pack op differentiates through its autograd formula when native, else takes the
+    # differentiable torch path (Triton has no backward); by default the Triton launcher of its own name.
     if triton is None:
         triton = lambda *args: getattr(_triton(), name)(*args)  # noqa: E731 -- triton imported on first use
     return Op(
@@ -295,24 +385,31 @@ def _declare(name: str, reference, check, fake, triton=None, **arg_types: Conver
         reference=reference,
         triton=triton,
         fake=fake,
+        autograd=autograd,
         grad_takes_torch=True,
     )
 
 
 PACK_QKV = _declare(
     "pack_qkv", pack_qkv_torch, _pack_qkv_check, _pack_qkv_fake, _pack_qkv_triton,
+    autograd=Autograd(_pack_qkv_backward, _pack_qkv_setup),
     q=tensor, k=tensor, v=tensor, world_size=integer, kv_index=int_list,
 )  # fmt: skip
 UNPACK_QKV = _declare(
     "unpack_qkv", unpack_qkv_torch, _unpack_qkv_check, _unpack_qkv_fake,
+    autograd=Autograd(_unpack_qkv_backward, _unpack_qkv_setup),
     recv=tensor, seq_len=integer, joint_q=optional_tensor, joint_k=optional_tensor, joint_v=optional_tensor,
     joint_front=flag,
 )  # fmt: skip
 PACK_OUT = _declare(
     "pack_out", pack_out_torch, _pack_out_check, _pack_out_fake,
+    autograd=Autograd(_pack_out_backward, _pack_out_setup),
     out_seq=tensor, out_joint=optional_tensor, world_size=integer, local_len=integer, joint_front=flag,
 )  # fmt: skip
-UNPACK_OUT = _declare("unpack_out", unpack_out_torch, _unpack_out_check, _unpack_out_fake, recv=tensor, heads=integer)
+UNPACK_OUT = _declare(
+    "unpack_out", unpack_out_torch, _unpack_out_check, _unpack_out_fake,
+    autograd=Autograd(_unpack_out_backward, _unpack_out_setup), recv=tensor, heads=integer,
+)  # fmt: skip
 OPS = ("pack_qkv", "unpack_qkv", "pack_out", "unpack_out")
 
 # Benchmarks ask these of one op by name (benchmarks/bench_pack.py).
