@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..distributed.parallel_state import SPState
 from ..plan.context import ShardLayout, SPContext, current_context
-from ..plan.sharding import _all_gather_cat
+from ..plan.sharding import _all_gather_cat, gather_rows
 from .agreement import exchange_rows
 from .backends import (
     BACKEND_NAMES,
@@ -252,12 +252,9 @@ def _with_full_mask(
 
 
 def _gather_rows(t: Tensor, dim: int, layout: ShardLayout, state: SPState) -> Tensor:
-    """The full sequence of a shard with ``layout`` on every rank (padding dropped), without autograd."""
-    body = t.narrow(dim, layout.prefix_len, layout.local_len).contiguous()
-    full = _all_gather_cat(body, dim, state.sp_group, state.sp_size, state.host_group).narrow(dim, 0, layout.true_len)
-    parts = [t.narrow(dim, 0, layout.prefix_len), full, t.narrow(dim, layout.prefix_len + layout.local_len,
-                                                                   layout.suffix_len)]
-    return torch.cat([p for p in parts if p.shape[dim]], dim=dim) if layout.prefix_len or layout.suffix_len else full
+    """The full sequence of a shard with ``layout`` on every rank (padding dropped); differentiable: a
+    sharded K/V's gradient is the sum of every rank's queries' contributions (reduce-scatter)."""
+    return gather_rows(t, dim, layout, state.sp_group, state.sp_size, state.sp_rank, state.host_group)
 
 
 def _zero_padding_rows(out: Tensor, layout: ShardLayout | None, joint: Joint | None, state: SPState) -> Tensor:
@@ -267,6 +264,8 @@ def _zero_padding_rows(out: Tensor, layout: ShardLayout | None, joint: Joint | N
     valid = layout.valid_rows(state.sp_rank)
     if valid < layout.local_len:
         lead = (joint.length if joint is not None and joint.strategy == "front" else 0) + layout.prefix_len
+        if out.requires_grad:
+            out = out.clone()  # the kernel saved its output for the backward: zero a copy, not it
         out[:, lead + valid : lead + layout.local_len].zero_()
     return out
 

@@ -83,14 +83,25 @@ def _all_gather_cat(
 
 
 class _Gather(torch.autograd.Function):
+    """All-gather forward; reduce-scatter backward (all-reduce, then this rank's rows).
+
+    Every rank computes the same loss from the gathered output, so the upstream gradient is the same on
+    every rank; summing it over the group makes each rank's gradient P times its share. With that, the
+    gradient of every parameter -- used before the gather on a shard (a share) or after it on the
+    replicated output (the whole gradient on every rank) -- AVERAGED over the SP group is the
+    full-sequence gradient: the reduction DDP applies, so DDP over all ranks needs nothing else.
+    """
+
     @staticmethod
     def forward(ctx, x, dim, keep, group, size, rank, meta_group):
-        ctx.dim, ctx.local, ctx.rank = dim, x.size(dim), rank
+        ctx.dim, ctx.local, ctx.rank, ctx.group = dim, x.size(dim), rank, group
         full = _all_gather_cat(x, dim, group, size, meta_group)
         return full.narrow(dim, 0, keep) if keep < full.size(dim) else full
 
     @staticmethod
     def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
         return shard_pad(grad, ctx.dim, ctx.rank * ctx.local, ctx.local), None, None, None, None, None, None
 
 
@@ -230,12 +241,26 @@ def gather_and_trim(
         ctx.mark_gathered(layout, group_name)
     if layout is None:
         return _Gather.apply(tensor, dim, rows * size, group, size, rank, meta)
+    return gather_rows(tensor, dim, layout, group, size, rank, meta)
+
+
+def gather_rows(
+    tensor: torch.Tensor,
+    dim: int,
+    layout: ShardLayout,
+    group: dist.ProcessGroup | None,
+    size: int,
+    rank: int,
+    meta_group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """The whole sequence of a shard cut by ``layout``, on every rank: ``[prefix | true_len rows | suffix]``
+    (padding dropped). Differentiable: the backward is the reduce-scatter of ``_Gather``."""
     if layout.prefix_len == 0 and layout.suffix_len == 0:
-        return _Gather.apply(tensor, dim, layout.true_len, group, size, rank, meta)
+        return _Gather.apply(tensor, dim, layout.true_len, group, size, rank, meta_group)
     prefix = tensor.narrow(dim, 0, layout.prefix_len)
     body = tensor.narrow(dim, layout.prefix_len, layout.local_len)
     suffix = tensor.narrow(dim, layout.prefix_len + layout.local_len, layout.suffix_len)
-    full = _Gather.apply(body.contiguous(), dim, layout.true_len, group, size, rank, meta)
+    full = _Gather.apply(body.contiguous(), dim, layout.true_len, group, size, rank, meta_group)
     return torch.cat([prefix, full, suffix], dim=dim)
 
 
