@@ -165,23 +165,24 @@ def case_failures(cases: list[dict], per_rank: list[list[dict]], index: int) -> 
     return failures([cases[index]], [results[index : index + 1] for results in per_rank])
 
 
-def failures(cases: list[dict], per_rank: list[list[dict]]) -> list[str]:
-    """Human-readable failures of a batch (checked in the parent process)."""
+def failures(cases: list[dict], per_rank: list[list[dict]], name=None) -> list[str]:
+    """Human-readable failures of a batch (checked in the parent process); ``name`` describes a case."""
+    name = name or describe
     bad = []
     for i, case in enumerate(cases):
         res = [r[i] for r in per_rank]
         errs = [r["error"] for r in res if "error" in r]
         if errs:
-            bad.append(f"{describe(case)}: {errs[0]}")
+            bad.append(f"{name(case)}: {errs[0]}")
             continue
         for rank, r in enumerate(res):
             if not r["finite"]:
-                bad.append(f"{describe(case)}: rank {rank} output has NaN/inf")
+                bad.append(f"{name(case)}: rank {rank} output has NaN/inf")
             elif not r["pad_zero"]:
-                bad.append(f"{describe(case)}: rank {rank} padding rows are not zero")
+                bad.append(f"{name(case)}: rank {rank} padding rows are not zero")
             elif not r["err"] <= r["tol"]:
-                bad.append(f"{describe(case)}: rank {rank} max error {r['err']:.3g} > tolerance {r['tol']:.3g}")
+                bad.append(f"{name(case)}: rank {rank} max error {r['err']:.3g} > tolerance {r['tol']:.3g}")
         joints = [r["joint"] for r in res]
         if any(not torch.equal(joints[0], j) for j in joints[1:]):
-            bad.append(f"{describe(case)}: joint output differs between ranks")
+            bad.append(f"{name(case)}: joint output differs between ranks")
     return bad

@@ -18,6 +18,7 @@ from sp_kernels.attn import attention
 from sp_kernels.distributed.parallel_state import SequenceParallelConfig, init_sequence_parallel
 from sp_kernels.plan.context import ShardLayout, sp_forward_context
 from tests.attention_cases import BF16_FACTOR, _inputs, shard_bounds
+from tests.attention_cases import failures as attention_failures
 from tests.poison import poisoned
 
 ABS_TOL = {"float32": 2e-5, "float64": 1e-12}
@@ -183,24 +184,7 @@ def run_cases(cases: list[dict]) -> list[dict]:
 
 
 def failures(cases: list[dict], per_rank: list[list[dict]]) -> list[str]:
-    bad = []
-    for i, case in enumerate(cases):
-        res = [r[i] for r in per_rank]
-        errs = [r["error"] for r in res if "error" in r]
-        if errs:
-            bad.append(f"{describe(case)}: {errs[0]}")
-            continue
-        for rank, r in enumerate(res):
-            if not r["finite"]:
-                bad.append(f"{describe(case)}: rank {rank} output has NaN/inf")
-            elif not r["pad_zero"]:
-                bad.append(f"{describe(case)}: rank {rank} padding rows are not zero")
-            elif not r["err"] <= r["tol"]:
-                bad.append(f"{describe(case)}: rank {rank} max error {r['err']:.3g} > tolerance {r['tol']:.3g}")
-        joints = [r["joint"] for r in res]
-        if any(not torch.equal(joints[0], j) for j in joints[1:]):
-            bad.append(f"{describe(case)}: joint output differs between ranks")
-    return bad
+    return attention_failures(cases, per_rank, name=describe)
 
 
 def _bad_kwargs(kind: str, rank: int, B: int, S: int, L: int) -> dict:

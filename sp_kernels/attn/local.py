@@ -478,19 +478,24 @@ def block_kernel_names() -> list[str]:
     return [kern.name for kern in _KERNELS]
 
 
-def register_block_kernel(kernel: BlockKernel, *, before: str | None = None) -> None:
-    """Add (or replace, by name) a candidate; ``before`` places it ahead of an existing one."""
-    for i, existing in enumerate(_KERNELS):
+def insert_by_name(registry: list, kernel, before: str | None, what: str) -> None:
+    """Add (or replace, by name) ``kernel`` in a candidate list; ``before`` places it ahead of an existing one."""
+    for i, existing in enumerate(registry):
         if existing.name == kernel.name:
-            del _KERNELS[i]
+            del registry[i]
             break
     if before is None:
-        _KERNELS.append(kernel)
+        registry.append(kernel)
         return
-    names = block_kernel_names()
+    names = [k.name for k in registry]
     if before not in names:
-        raise ValueError(f"register_block_kernel(before={before!r}): no kernel of that name; expected one of {names}")
-    _KERNELS.insert(names.index(before), kernel)
+        raise ValueError(f"{what}(before={before!r}): no kernel of that name; expected one of {names}")
+    registry.insert(names.index(before), kernel)
+
+
+def register_block_kernel(kernel: BlockKernel, *, before: str | None = None) -> None:
+    """Add (or replace, by name) a candidate; ``before`` places it ahead of an existing one."""
+    insert_by_name(_KERNELS, kernel, before, "register_block_kernel")
 
 
 def _allowed(kernels: Sequence[str] | None) -> list[BlockKernel]:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from . import local as _fwd
-from .local import MATH_CHUNK_ELEMENTS, NoKernelError, block_kernel_names, lse_dtype
+from .local import MATH_CHUNK_ELEMENTS, NoKernelError, block_kernel_names, insert_by_name, lse_dtype
 
 Tensor = torch.Tensor
 Grads = tuple[Tensor, Tensor, Tensor]
@@ -234,17 +234,7 @@ def backward_kernel_names() -> list[str]:
 def register_backward_kernel(kernel: BlockBackwardKernel, *, before: str | None = None) -> None:
     """Add (or replace, by name) a backward candidate; ``before`` places it ahead of an existing one.
     A forward kernel added with ``register_block_kernel`` gets its backward under the same name."""
-    for i, existing in enumerate(_KERNELS):
-        if existing.name == kernel.name:
-            del _KERNELS[i]
-            break
-    if before is None:
-        _KERNELS.append(kernel)
-        return
-    names = backward_kernel_names()
-    if before not in names:
-        raise ValueError(f"register_backward_kernel(before={before!r}): no kernel of that name; expected one of {names}")
-    _KERNELS.insert(names.index(before), kernel)
+    insert_by_name(_KERNELS, kernel, before, "register_backward_kernel")
 
 
 def _requested(kernels: Sequence[str] | None) -> list[str] | None:
