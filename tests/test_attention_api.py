@@ -179,10 +179,10 @@ def test_one_backend_table():
     assert backends.backend_function("usp") is not mine
 
 
-def test_fused_ring_runs_without_importing_it_first():
+def test_backend_table_imports_the_ring_module_on_first_use():
     code = (
         "import sys; from sp_kernels.attn.backends import backend_function; "
-        "assert 'sp_kernels.attn.fused_ring' not in sys.modules; "
+        "assert 'sp_kernels.attn.ring' not in sys.modules; "
         "assert backend_function('fused_ring').__name__ == 'fused_ring_attention'"
     )
     root = Path(__file__).resolve().parents[1]

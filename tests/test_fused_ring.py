@@ -122,7 +122,7 @@ def sync_detector(log: list) -> Iterator[None]:
 
 def _fused_structure(valid: list[int], merge: str, joint_len: int) -> dict:
     from sp_kernels.attn.call import Joint
-    from sp_kernels.attn.fused_ring import fused_ring_attention, release_ring_buffers
+    from sp_kernels.attn.ring import fused_ring_attention, release_ring_buffers
 
     P, rank = dist.get_world_size(), dist.get_rank()
     state = init_sequence_parallel(SequenceParallelConfig(ring_degree=P, attention_backend="fused_ring"))
@@ -236,7 +236,7 @@ def test_fused_ring_structure(rank_pool, merge, joint_len):
 
 
 def _bad_inputs() -> dict:
-    from sp_kernels.attn.fused_ring import fused_ring_attention
+    from sp_kernels.attn.ring import fused_ring_attention
 
     P = dist.get_world_size()
     state = init_sequence_parallel(SequenceParallelConfig(ring_degree=P, attention_backend="fused_ring"))
