@@ -26,6 +26,19 @@ def force_impl(monkeypatch: pytest.MonkeyPatch, forced: str | None) -> None:
         monkeypatch.setenv("SP_KERNELS_IMPL", forced)
 
 
+def run_quick_bench_lines(script: str) -> list[str]:
+    """Run ``benchmarks/<script> --quick`` (a benchmark that prints tables only); return its stdout lines."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--quick"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.splitlines()
+
+
 def run_quick_bench(script: str, stem: str) -> tuple[list[dict], str]:
     """Run ``benchmarks/<script> --quick --device cpu``; return its CSV rows and stdout.
 

@@ -17,11 +17,13 @@ pytestmark = pytest.mark.skipif(
     reason="diffusers is not installed (scripts/setup.sh installs it); the drop-in integration needs it",
 )
 
-def _dropin_cases(cases: list[tuple]) -> list[dict]:
+def _dropin_cases(cases: list[tuple], compile_blocks: bool = False) -> list[dict]:
     """Rank side: for each (family, backend, ring_degree, ulysses_degree[, "holes"]) run the model on one process
     with diffusers' native attention, then under diffusers' context parallelism with our backend. "holes": a
     batch of two prompts of different lengths whose masks have holes (tests/test_diffusers_masks.py).
-    ``return_dict=False``: diffusers' CP output hook rejects its own output dataclass at a root key."""
+    ``return_dict=False``: diffusers' CP output hook rejects its own output dataclass at a root key.
+    ``compile_blocks``: the parallel run under diffusers' regional compilation (compile_repeated_blocks,
+    fullgraph=True, aot_eager), its graph breaks counted (tests/test_compile.py)."""
     import logging
 
     import diffusers
@@ -63,6 +65,11 @@ def _dropin_cases(cases: list[tuple]) -> list[dict]:
                 local = model(**inputs, return_dict=False)[0]  # our backend without parallelism: local attention
                 model.enable_parallelism(config=diffusers.ContextParallelConfig(ring_degree=ring_degree,
                                                                                 ulysses_degree=ulysses_degree))
+                if compile_blocks:
+                    integration.prepare(model)
+                    torch._dynamo.reset()
+                    torch._dynamo.utils.counters.clear()
+                    model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
                 counts["ring"] = 0
                 sp = model(**inputs, return_dict=False)[0]
             results.append({
@@ -71,6 +78,7 @@ def _dropin_cases(cases: list[tuple]) -> list[dict]:
                 "shape_ok": sp.shape == single.shape,
                 "posts": counts["ring"],
                 "version": diffusers.__version__,
+                "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
             })
             dist.barrier()
     finally:

@@ -158,6 +158,26 @@ def test_bad_runtime_values_name_key_and_parameter():
     remove_sequence_parallel(model)
 
 
+def test_parameter_hidden_in_star_args_raises():
+    """A planned module wrapped as forward(*args, **kwargs) (e.g. compiled before apply) cannot show whether
+    the planned parameter came positionally: raised, naming key and parameter, instead of leaving it unsharded."""
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    model = nn.Sequential(Wrapped())
+    apply_sequence_parallel(model, plan={"0": {"hidden_states": SPI(1)}})
+    x = torch.randn(2, 6, 4)
+    with pytest.raises(ValueError, match=r"_sp_plan\['0'\]\['hidden_states'\]: Wrapped.forward takes \*args and got 1"):
+        model(x)
+    remove_sequence_parallel(model)
+
+
 def test_context_is_per_forward_and_reset_on_exception():
     from sp_kernels.plan.context import running_context
 

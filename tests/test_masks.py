@@ -215,15 +215,9 @@ def test_end_cut_takes_maskless_kernel(monkeypatch):
 
 def test_bench_masks_quick():
     """benchmarks/bench_masks.py --quick runs end to end (so the benchmark cannot rot)."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.op_utils import run_quick_bench_lines
 
-    root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_masks.py"), "--quick"], cwd=root,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    lines = res.stdout.splitlines()
+    lines = run_quick_bench_lines("bench_masks.py")
     assert "holes / none" in lines[-4] and lines[-2].startswith("ulysses") and lines[-1].startswith("ring"), lines
 
 

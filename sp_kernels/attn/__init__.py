@@ -32,6 +32,7 @@ from .backends import (
     resolve_backend,
 )
 from .call import AttentionCall, Joint, validate_inputs
+from .compiled import compiled_attention
 from .local import NoKernelError, block_attention, block_kernel_names, register_block_kernel
 from .mask import attend_block, checksum, classify, describe, full_frame, normalize_mask
 
@@ -43,6 +44,7 @@ __all__ = [
     "BackendFn",
     "NoKernelError",
     "Roles",
+    "Route",
     "attention",
     "block_attention",
     "block_kernel_names",
@@ -52,6 +54,8 @@ __all__ = [
     "read_roles",
     "registered_backends",
     "resolve_backend",
+    "route_call",
+    "run_route",
     "sharded_attention",
 ]
 
@@ -229,7 +233,7 @@ def _exchange(
 
 
 def _with_full_mask(
-    call: AttentionCall, bias: Tensor, rows: list[tuple[int, ...]], ctx: SPContext
+    call: AttentionCall, bias: Tensor, rows: list[tuple[int, ...]], memo: dict | None
 ) -> AttentionCall:
     """``call`` with its mask in the full frame (a local-frame mask all-gathered over the SP group).
 
@@ -241,7 +245,7 @@ def _with_full_mask(
     J = joint.length if joint is not None else 0
     front = joint is None or joint.strategy == "front"
     key = (tuple(rows), J, front, str(bias.dtype), str(bias.device))
-    memo = ctx.memo.setdefault("full_masks", {})
+    memo = memo.setdefault("full_masks", {}) if memo is not None else {}
     if key not in memo:
 
         def gather(t: Tensor, dim: int) -> Tensor:
@@ -293,6 +297,29 @@ def effective_mask(mask: Tensor | None, ctx: SPContext | None) -> Tensor | None:
     return None if seen[2] else mask
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where one attention call runs, as the record of the forward decides it: ``roles`` None runs the call
+    locally (no SP state, SP size 1, backend "local", or outside the sharded region); otherwise SP backend
+    ``name`` of ``state`` with the inputs' ``roles``. Decided while tracing under torch.compile, and then
+    handed to the compiled call's op (attn/compiled.py)."""
+
+    name: str
+    state: SPState | None = None
+    roles: Roles | None = None
+
+
+def route_call(query: Tensor, key: Tensor, backend: str | None) -> Route:
+    """The route of an attention call with these inputs in the running forward."""
+    ctx = current_context()
+    state = ctx.state if ctx is not None else None
+    name = resolve_backend(backend, state)
+    if ctx is None or state is None or state.sp_size == 1 or name == "local" or not ctx.sharded:
+        return Route(name, state)
+    state.raise_if_broken("attention")
+    return Route(name, state, read_roles(ctx, query.shape[1], key.shape[1]))
+
+
 def sharded_attention(
     query: Tensor,
     key: Tensor,
@@ -309,10 +336,37 @@ def sharded_attention(
     """``attention()`` after input validation. ``mask`` (``attn_mask``: bool or additive, SDPA's semantics) and
     ``key_padding_mask`` (bool [B, K]) are applied by every backend (attn/mask.py: frames, kernel choice), and
     ``refusal`` (a reason this rank cannot run the call) is raised on every rank of a communicating call
-    instead of on this rank alone (integrations use it)."""
+    instead of on this rank alone (integrations use it). Under torch.compile the route is decided while
+    tracing and the call runs as one op (attn/compiled.py), so the graph does not break here."""
+    route = route_call(query, key, backend)
+    if torch.compiler.is_compiling():
+        return compiled_attention(route, query, key, value, scale=scale, causal=causal, joint=joint, mask=mask,
+                                  key_padding_mask=key_padding_mask, refusal=refusal)
     ctx = current_context()
-    state = ctx.state if ctx is not None else None
-    name = resolve_backend(backend, state)
+    return run_route(route, query, key, value, scale=scale, causal=causal, joint=joint, mask=mask,
+                     key_padding_mask=key_padding_mask, refusal=refusal, memo=ctx.memo if ctx is not None else None)
+
+
+def run_route(
+    route: Route,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    joint: Joint | None,
+    mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    refusal: str | None,
+    memo: dict | None,
+    needs_grad: bool | None = None,
+) -> Tensor:
+    """Run an attention call on its route. ``memo``: the forward's memo (full-frame masks kept across its
+    layers; None keeps nothing). ``needs_grad``: whether the call is differentiated, for what is refused
+    under autograd (None: read it from the inputs; the compiled forward op passes what was traced, since
+    its own inputs never require grad and its backward is a separate op)."""
+    name, state, roles = route.name, route.state, route.roles
 
     def normalized() -> Tensor | None:
         bias = normalize_mask(mask, key_padding_mask, batch=query.shape[0], heads=query.shape[2], dtype=query.dtype,
@@ -324,12 +378,11 @@ def sharded_attention(
             )
         return bias
 
-    if ctx is None or state is None or state.sp_size == 1 or name == "local" or not ctx.sharded:
+    if roles is None or state is None:
         if refusal is not None:
             raise NotImplementedError(refusal)
         return _local(query, key, value, scale, causal, joint, normalized())
     state.raise_if_broken("attention")
-    roles = read_roles(ctx, query.shape[1], key.shape[1])
     if roles.kv != "same" or roles.query == "replicated":
         # K/V whole on every rank after (at most) one all-gather: this rank's queries attend locally.
         if causal:
@@ -369,7 +422,9 @@ def sharded_attention(
     if layout is not None and (layout.prefix_len or layout.suffix_len):
         query, key, value, joint = _split_replicated(query, key, value, joint, layout)
     call = AttentionCall(query, key, value, scale, causal, joint, name, state, layout)
-    needs_grad = call.needs_grad()
+    recorded = call.needs_grad()  # autograd records this very call: the differentiable implementation runs
+    if needs_grad is None:
+        needs_grad = recorded
     if needs_grad and bias is not None and reason is None:
         # Refused through the exchange, so every rank raises (the differentiable backends take no mask).
         reason = NotImplementedError(
@@ -379,8 +434,8 @@ def sharded_attention(
     try:
         rows = _exchange(call, name, reason, bias)
         if bias is not None:
-            call = _with_full_mask(call, bias, rows, ctx)
-        run = grad_backend_function(name) if needs_grad else backend_function(name)
+            call = _with_full_mask(call, bias, rows, memo)
+        run = grad_backend_function(name) if recorded else backend_function(name)
         return run(call, [r[1] for r in rows])
     except BaseException as e:
         # Another rank may now wait in a collective this one left: later calls must not cross with it.

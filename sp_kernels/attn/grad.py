@@ -2,11 +2,12 @@
 
 Each ``*_attention_grad(call, valid)`` takes what the backend functions of the backend table take
 (an ``AttentionCall`` and the valid rows per rank) and returns the same ``[B, J + S_local, Hq, D]``
-result, differentiable with respect to ``call.query/key/value`` and the joint tensors. Gradient
-semantics are the hooks' (plan/sharding.py): each rank's gradients are its partial share, and their
-sum over the SP group is the full-sequence gradient (sharded q/k/v: complete on their own rank;
-replicated joint tensors: partial on every rank). Every rank of the groups involved must run the
-backward (it communicates).
+result, differentiable with respect to ``call.query/key/value`` and the joint tensors. Of one call
+in isolation, each rank's gradients are its partial share and their sum over the SP group is the
+full-sequence gradient (sharded q/k/v: complete on their own rank; replicated joint tensors: partial on
+every rank); in a model, the gather's reduce-scatter (plan/sharding.py) scales the upstream gradients so
+that the SP-group average of every gradient is the full one. Every rank of the groups involved must run
+the backward (it communicates).
 
 * Ulysses: composed of differentiable pieces -- the pack ops (their torch.library autograd formulas,
   ops/pack.py), ``all_to_all_autograd`` (its own transpose, distributed/comm.py) and ``BlockAttention``
@@ -15,8 +16,7 @@ backward (it communicates).
   LSE kept (ring_backward.ring_forward) and whose backward is ``ring_backward``.
 * USP: the Ulysses pieces around ``RingAttention`` over the ring group.
 
-Not yet wired into ``attention()`` (which still raises under autograd): see docs/attention.md,
-"Backward", for the lines that change once the attention-mask work has landed.
+``attention()`` runs these when autograd records the call (the backend table's ``grad_impl``).
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ forwards their accumulators.
 
 Joint (text) tokens, as the forward treats them: the joint K/V are attended once, outside the
 ring, by this rank's sequence queries (unless causal "rear") and by the joint queries; the joint
-queries also attend every ring block (unless causal "front"). Gradient semantics are the hooks'
-(plan/sharding.py): every rank returns its partial share and the sum over the SP group is the
-full-sequence gradient. The sharded q/k/v gradients are complete on their own rank (nothing to sum);
+queries also attend every ring block (unless causal "front"). Of the call in isolation, every rank
+returns its partial share and the sum over the SP group is the full-sequence gradient (in a model the
+gather's reduce-scatter makes it the SP-group average, plan/sharding.py). The sharded q/k/v gradients are complete on their own rank (nothing to sum);
 the joint gradients are partial: rank r's ``djq``/``djk``/``djv`` hold what its own ``joint_dout``
 (its copy of the replicated joint output's gradient) and its own sequence queries contribute.
 

@@ -17,9 +17,11 @@ makes every rank raise instead of leaving the others waiting in a collective.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import numbers
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +161,21 @@ def default_group_timeout() -> datetime.timedelta:
     return getattr(c10d, "default_pg_timeout", _TORCH_DEFAULT_TIMEOUT)
 
 
+_STATE_SERIAL = itertools.count(1)
+_STATES_BY_KEY: weakref.WeakValueDictionary[str, SPState] = weakref.WeakValueDictionary()
+
+
+def state_for_key(key: str, where: str) -> SPState:
+    """The SP state named ``key`` (``SPState.key``); raises, naming ``where``, when it no longer exists."""
+    state = _STATES_BY_KEY.get(key)
+    if state is None:
+        raise RuntimeError(
+            f"{where}: the sequence-parallel state {key!r} this call was compiled with no longer exists (sequence "
+            "parallelism was removed or destroyed since); compile the model again after applying it"
+        )
+    return state
+
+
 @dataclass(eq=False)
 class SPState:
     """The process groups of one initialized SP configuration, seen from this rank.
@@ -186,6 +203,12 @@ class SPState:
     ring_buffers: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False
     )
+    # Names this state for torch.compile: a compiled graph calls the library's ops with it (a str is a
+    # constant to dynamo, a state is not); ``state_for_key`` finds the state back while it lives.
+    key: str = field(default_factory=lambda: f"sp{next(_STATE_SERIAL)}", repr=False)
+
+    def __post_init__(self) -> None:
+        _STATES_BY_KEY[self.key] = self
 
     @property
     def sp_size(self) -> int:
@@ -800,3 +823,23 @@ def group_size(group: dist.ProcessGroup | None) -> int:
 
 def group_rank(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
+
+
+def group_name(group: dist.ProcessGroup | None) -> str:
+    """The c10d name of ``group`` ("" for None: no communication), the form the library's ops take it in
+    (a str is a constant to torch.compile, a process group is not)."""
+    return "" if group is None else group.group_name
+
+
+def group_by_name(name: str) -> dist.ProcessGroup | None:
+    """The process group ``group_name`` named (None for "")."""
+    if not name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        return _resolve_process_group(name)
+    except (LookupError, ValueError, RuntimeError) as e:
+        raise RuntimeError(
+            f"sp_kernels: process group {name!r} no longer exists (destroyed since the call was traced or compiled): {e}"
+        ) from e

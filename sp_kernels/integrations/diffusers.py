@@ -90,6 +90,7 @@ __all__ = [
     "BACKENDS",
     "disable_sequence_parallel",
     "enable_sequence_parallel",
+    "prepare",
     "register",
     "sp_state_for",
     "translate_cp_plan",
@@ -127,6 +128,13 @@ def sp_state_for(cp_config: Any) -> SPState:
     state = getattr(cp_config, "_sp_kernels_state", None)
     if state is not None:
         return state
+    if torch.compiler.is_compiling():
+        # Building it creates process groups and reads the mesh on the host: nothing a trace can hold.
+        raise RuntimeError(
+            "sp_kernels/diffusers: torch.compile traced the first attention of this context-parallel model; call "
+            "sp_kernels.integrations.diffusers.prepare(model) on every rank after model.enable_parallelism(...) and "
+            "before the first compiled forward (or run one forward uncompiled)"
+        )
     if getattr(cp_config, "_flattened_mesh", None) is None:
         raise RuntimeError(
             "sp_kernels/diffusers: the ContextParallelConfig has no device mesh yet; call "
@@ -240,6 +248,22 @@ def _make_backend(name: str) -> Callable[..., Any]:
     return backend
 
 
+def prepare(model: nn.Module) -> SPState:
+    """Build sp_kernels' state for ``model``'s diffusers context parallelism (``enable_parallelism``) now
+    rather than at its first attention, as torch.compile needs: the first compiled forward cannot create
+    process groups. Collective when the groups are on GPUs: call it on every rank. Returns the state."""
+    for m in model.modules():
+        proc = getattr(m, "processor", None)
+        pc = getattr(proc, "_parallel_config", None)
+        cp = getattr(pc, "context_parallel_config", None)
+        if cp is not None:
+            return sp_state_for(cp)
+    raise ValueError(
+        f"prepare({type(model).__name__}): no attention processor has a context-parallel config; call "
+        "model.enable_parallelism(config=...) first"
+    )
+
+
 def register() -> list[str]:
     """Add the sp_kernels backends to diffusers' attention dispatch (idempotent); returns their names."""
     from diffusers.models import attention_dispatch as ad
@@ -336,6 +360,9 @@ def _make_prompt_trim(model: nn.Module, text_name: str, mask_name: str) -> Calla
     sig = Signature(model)
 
     def trim(module: nn.Module, args: tuple, kwargs: dict):
+        if torch.compiler.is_compiling():
+            # The trim reads the mask on the host (a graph break); masks are exact without it, only slower.
+            return None
         text, text_at = sig.get(text_name, args, kwargs)
         mask, mask_at = sig.get(mask_name, args, kwargs)
         if not isinstance(text, torch.Tensor) or not isinstance(mask, torch.Tensor) or mask.dim() != 2:

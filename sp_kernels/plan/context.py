@@ -196,16 +196,21 @@ class SPContext:
 
 
 _CURRENT_CTX: contextvars.ContextVar[SPContext | None] = contextvars.ContextVar("sp_kernels_ctx", default=None)
+# The contexts of SP forwards dynamo is tracing (it cannot trace ContextVar.set). Under torch.compile the
+# record is read only while tracing: what the library's ops need at run time travels as their arguments.
+_TRACED: list[SPContext] = []
 
 
 def running_context() -> SPContext | None:
     """The context of the SP forward running in this thread/task, if any."""
+    if _TRACED and torch.compiler.is_compiling():
+        return _TRACED[-1]
     return _CURRENT_CTX.get()
 
 
 def current_context() -> SPContext | None:
     """The context of the running SP forward, else the default context of the current SP state."""
-    ctx = _CURRENT_CTX.get()
+    ctx = running_context()
     if ctx is not None:
         return ctx
     state = get_sp_state()
@@ -221,6 +226,13 @@ def sp_forward_context(state: SPState) -> Iterator[SPContext]:
     """A fresh context for one SP forward, current until the block exits however it exits (used by the
     model's forward wrapper, integrations and tests)."""
     ctx = SPContext(state=state)
+    if torch.compiler.is_compiling():
+        _TRACED.append(ctx)
+        try:
+            yield ctx
+        finally:
+            _TRACED.pop()
+        return
     token = _CURRENT_CTX.set(ctx)
     try:
         yield ctx

@@ -72,7 +72,8 @@ class _Applied:
         if self.state.config.strict_dims:
             raise ValueError(msg + " and SequenceParallelConfig(strict_dims=True) is set")
         tag = (key, name, expected, got.dim())
-        if tag not in self.warned:
+        # dynamo cannot trace logging: a forward compiled before any eager one skips without the warning.
+        if tag not in self.warned and not torch.compiler.is_compiling():
             self.warned.add(tag)
             logger.warning("%s; %s skipped (warned once)", msg, action)
 
@@ -120,11 +121,15 @@ class Signature:
         self.positions: dict[str, int] = {}
         self.names: list[str] = []
         self.var_kwargs = False
+        # Index of *args, if any: a value passed there cannot be told by name.
+        self.var_positional: int | None = None
         for i, (name, p) in enumerate(sig.parameters.items()):
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
                 self.positions[name] = i
             if p.kind == p.VAR_KEYWORD:
                 self.var_kwargs = True
+            if p.kind == p.VAR_POSITIONAL:
+                self.var_positional = i
             elif p.kind != p.VAR_POSITIONAL:
                 self.names.append(name)
 
@@ -326,6 +331,13 @@ def _make_split_pre_hook(applied: _Applied, key: str, specs: dict, sig: Signatur
         args = list(args)
         for name, spec in specs.items():
             value, where = sig.get(name, args, kwargs)
+            if where is None and sig.var_positional is not None and len(args) > sig.var_positional:
+                # e.g. a module wrapped as forward(*args, **kwargs) before apply: skipping would leave it unsharded.
+                raise ValueError(
+                    f"_sp_plan[{key!r}][{name!r}]: {type(module).__name__}.forward takes *args and got {len(args)} "
+                    f"positional argument(s), so whether {name!r} is among them is unknown; pass {name!r} by keyword, "
+                    "or apply sequence parallelism to the module before wrapping it"
+                )
             if where is None or value is None:
                 continue
             sig.put(args, kwargs, where, _split_value(applied, key, name, spec, value, sig, args, kwargs))

@@ -5,9 +5,11 @@ Rank ``i`` of P holds rows ``[i*L, (i+1)*L)`` with ``L = ceil(S / P)``; with aut
 it and attention excludes it.
 
 Autograd: a shard's backward puts this rank's gradient rows back in place (zeros elsewhere, no
-communication) and a gather's backward keeps this rank's rows of the (replicated) output gradient.
-Every gradient a rank computes is therefore its partial share: summing parameter and input
-gradients over the SP group (all_reduce SUM, not average) gives exactly the full-sequence gradients.
+communication) and a gather's backward is a reduce-scatter (``_gather_backward``), so the AVERAGE of a
+parameter's gradient over the SP group is the full-sequence gradient (DDP's reduction).
+
+torch.compile: the gather is one library op (``sp_kernels::gather_shards``, with a fake impl and its
+backward op), so a compiled model has no graph break here; the shard is the ``shard_pad`` op.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed.comm import all_gather_small
-from ..distributed.parallel_state import device_of_group, group_rank, group_size
+from ..distributed.parallel_state import device_of_group, group_by_name, group_name, group_rank, group_size
 from ..ops.shard_pad import shard_pad
 from .context import ShardLayout, SPContext, current_context, layout_of, tag
 
@@ -82,8 +84,48 @@ def _all_gather_cat(
     return torch.cat(parts, dim=dim)
 
 
-class _Gather(torch.autograd.Function):
-    """All-gather forward; reduce-scatter backward (all-reduce, then this rank's rows).
+# The gather is one torch.library op (its backward another), so torch.compile sees one opaque node with a
+# fake impl instead of breaking the graph at the collectives and the host-side shape check.
+@torch.library.custom_op("sp_kernels::gather_shards", mutates_args=())
+def _gather_shards(x: torch.Tensor, dim: int, keep: int, group: str, meta_group: str) -> torch.Tensor:
+    """All-gather ``x`` over ``group`` along ``dim`` in rank order (shapes checked over ``meta_group``, ""
+    meaning ``group``), keeping the first ``keep`` rows."""
+    g = group_by_name(group)
+    full = _all_gather_cat(x, dim, g, group_size(g), group_by_name(meta_group) if meta_group else g)
+    # Contiguous, like the fake impl's result: a compiled graph plans views on the strides the fake gives.
+    return full.narrow(dim, 0, keep).contiguous() if keep < full.size(dim) else full
+
+
+@_gather_shards.register_fake
+def _(x, dim, keep, group, meta_group):
+    shape = list(x.shape)
+    shape[dim] = keep
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("sp_kernels::gather_shards_backward", mutates_args=())
+def _gather_shards_backward(grad: torch.Tensor, dim: int, local: int, group: str) -> torch.Tensor:
+    """The gather's backward: the sum of every rank's output gradient, this rank's ``local`` rows of it."""
+    g = group_by_name(group)
+    total = grad.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(total, group=g)
+    return shard_pad(total, dim, group_rank(g) * local, local)
+
+
+@_gather_shards_backward.register_fake
+def _(grad, dim, local, group):
+    shape = list(grad.shape)
+    shape[dim] = local
+    return grad.new_empty(shape)
+
+
+def _gather_setup(ctx, inputs, output) -> None:
+    x, dim, _, group, _ = inputs
+    ctx.dim, ctx.local, ctx.group = dim, x.size(dim), group
+
+
+def _gather_backward(ctx, grad):
+    """Reduce-scatter: all-reduce, then this rank's rows.
 
     Every rank computes the same loss from the gathered output, so the upstream gradient is the same on
     every rank; summing it over the group makes each rank's gradient P times its share. With that, the
@@ -91,18 +133,17 @@ class _Gather(torch.autograd.Function):
     replicated output (the whole gradient on every rank) -- AVERAGED over the SP group is the
     full-sequence gradient: the reduction DDP applies, so DDP over all ranks needs nothing else.
     """
+    return _gather_shards_backward(grad, ctx.dim, ctx.local, ctx.group), None, None, None, None
 
-    @staticmethod
-    def forward(ctx, x, dim, keep, group, size, rank, meta_group):
-        ctx.dim, ctx.local, ctx.rank, ctx.group = dim, x.size(dim), rank, group
-        full = _all_gather_cat(x, dim, group, size, meta_group)
-        return full.narrow(dim, 0, keep) if keep < full.size(dim) else full
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return shard_pad(grad, ctx.dim, ctx.rank * ctx.local, ctx.local), None, None, None, None, None, None
+_gather_shards.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def _gather(
+    x: torch.Tensor, dim: int, keep: int, group: dist.ProcessGroup | None, meta_group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """All-gather forward, reduce-scatter backward (``_gather_backward``), ``keep`` rows along ``dim``."""
+    return _gather_shards(x.contiguous(), dim, keep, group_name(group), "" if meta_group is group else group_name(meta_group))
 
 
 def _shard(tensor: torch.Tensor, dim: int, size: int, rank: int, pad_value: float = 0.0) -> tuple[torch.Tensor, int]:
@@ -240,7 +281,7 @@ def gather_and_trim(
     if ctx is not None:
         ctx.mark_gathered(layout, group_name)
     if layout is None:
-        return _Gather.apply(tensor, dim, rows * size, group, size, rank, meta)
+        return _gather(tensor, dim, rows * size, group, meta)
     return gather_rows(tensor, dim, layout, group, size, rank, meta)
 
 
@@ -254,13 +295,13 @@ def gather_rows(
     meta_group: dist.ProcessGroup | None,
 ) -> torch.Tensor:
     """The whole sequence of a shard cut by ``layout``, on every rank: ``[prefix | true_len rows | suffix]``
-    (padding dropped). Differentiable: the backward is the reduce-scatter of ``_Gather``."""
+    (padding dropped). Differentiable: the backward is a reduce-scatter (``_gather_backward``)."""
     if layout.prefix_len == 0 and layout.suffix_len == 0:
-        return _Gather.apply(tensor, dim, layout.true_len, group, size, rank, meta_group)
+        return _gather(tensor, dim, layout.true_len, group, meta_group)
     prefix = tensor.narrow(dim, 0, layout.prefix_len)
     body = tensor.narrow(dim, layout.prefix_len, layout.local_len)
     suffix = tensor.narrow(dim, layout.prefix_len + layout.local_len, layout.suffix_len)
-    full = _Gather.apply(body.contiguous(), dim, layout.true_len, group, size, rank, meta_group)
+    full = _gather(body, dim, layout.true_len, group, meta_group)
     return torch.cat([prefix, full, suffix], dim=dim)
 
 
