@@ -293,3 +293,29 @@ def test_bench_train_quick():
     assert [line.split()[0] for line in lines[layer + 3 : layer + 8]] == ["single", "ulysses", "ring", "fused_ring",
                                                                           "usp"], lines
     assert "compiled / eager" in lines[-3] and lines[-1].startswith("ulysses"), lines
+
+
+def test_route_travels_as_constants_and_a_gone_state_raises():
+    """The route a compiled graph bakes in (backend, state key, roles as ints) decodes to the same route; a
+    state that no longer exists is a named error, not a call on the wrong groups."""
+    from sp_kernels.attn import Roles, Route
+    from sp_kernels.attn.compiled import decode_route, encode_route
+    from sp_kernels.distributed.parallel_state import SequenceParallelConfig, SPState
+    from sp_kernels.plan.context import ShardLayout
+
+    state = SPState(config=SequenceParallelConfig())
+    q_layout = ShardLayout(true_len=9, local_len=5, sp_size=2, prefix_len=3)
+    kv_layout = ShardLayout(true_len=7, local_len=4, sp_size=2, suffix_len=1)
+    for route in (Route("local", None), Route("ring", state, Roles("sharded", q_layout, "same")),
+                  Route("ulysses", state, Roles("replicated", None, "sharded", kv_layout)),
+                  Route("usp", state, Roles("sharded", None, "replicated"))):
+        name, key, roles = encode_route(route)
+        assert isinstance(key, str) and all(isinstance(i, int) for i in roles)
+        assert decode_route(name, key, roles) == route
+    key = state.key
+    del state, route
+    import gc
+
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"state '{key}' this call was compiled with no longer exists"):
+        decode_route("ring", key, roles)
