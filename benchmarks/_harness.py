@@ -3,6 +3,11 @@
 Timing: ``warmup`` untimed calls, then the median of ``repeats`` timed calls (CUDA events on GPU,
 ``time.perf_counter`` around a synchronised call on CPU). Bandwidth is always compared with a
 MEASURED device copy of the same number of bytes (``dst.copy_(src)``), never a datasheet number.
+
+On a GPU the events time the device work alone: a queued sleep holds the start event back until
+the timed call has queued all its kernels (triton.testing.do_bench gets the same head start from its
+cache-clearing kernel). Without it a small op's time would be its Python and launch cost on an idle
+GPU, not its kernels. That host cost is measured on its own by ``host_seconds``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,40 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+# The head start: about 200 us at 2 GHz, longer than any timed call's host side here, so every launch
+# of the call is queued before its start event fires.
+HEAD_START_CYCLES = 400_000
+
+
+def _timed_on_gpu(fn: Callable[[], object]) -> float:
+    """Seconds of the device work of one call of ``fn`` (CUDA events, host cost hidden)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(HEAD_START_CYCLES)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def host_seconds(fn: Callable[[], object], device: torch.device | str, calls: int = 20) -> float:
+    """Seconds of host time per call of ``fn`` on a GPU: Python, checks, launches, with the GPU busy
+    behind a long sleep so no call waits for the device (NaN on CPU, where host time is all of it).
+    Few calls: the launch queue (about 1000 kernels) must not fill."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return float("nan")
+    fn()
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(HEAD_START_CYCLES * 50)  # ~10 ms: longer than ``calls`` host sides
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    seconds = (time.perf_counter() - t0) / calls
+    torch.cuda.synchronize(device)
+    return seconds
+
+
 def time_fn(
     fn: Callable[[], object], device: torch.device | str, warmup: int = 2, repeats: int = 5, stat: str = "median"
 ) -> float:
@@ -37,12 +76,7 @@ def time_fn(
     times = []
     if device.type == "cuda":
         for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(_timed_on_gpu(fn))
     else:
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -102,12 +136,7 @@ def time_interleaved(
                 flush()
                 sync(device)
             if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) / 1e3)
+                times[name].append(_timed_on_gpu(fn))
             else:
                 t0 = time.perf_counter()
                 fn()

@@ -111,8 +111,11 @@ def bench_shape(
 
     copy_s = {nb: harness.copy_baseline(nb // 2, device, warmup, reps) for nb in (step_bytes, wway_bytes)}
 
+    host_us: list[float] = []  # the host time of the call time_it timed last (GPU only)
+
     def record(workload: str, method: str, seconds: float | None, nbytes: int, note: str = "") -> None:
         copy_gbps = harness.gbps(nbytes, copy_s[nbytes])
+        host = host_us.pop() if seconds is not None and host_us else float("nan")
         rows.append(
             {
                 "device": device,
@@ -125,11 +128,16 @@ def bench_shape(
                 "GB/s": None if seconds is None else harness.gbps(nbytes, seconds),
                 "memcpy GB/s": copy_gbps,
                 "% memcpy": None if seconds is None else 100.0 * harness.gbps(nbytes, seconds) / copy_gbps,
+                "host us": host,
                 "note": note,
             }
         )
 
-    time_it = lambda fn: harness.time_fn(fn, device, warmup=warmup, repeats=reps)  # noqa: E731
+    def time_it(fn) -> float:
+        # Device time (host side hidden, see _harness) and, on a GPU, the host time per call beside it.
+        seconds = harness.time_fn(fn, device, warmup=warmup, repeats=reps)
+        host_us[:] = [harness.host_seconds(fn, device) * 1e6]
+        return seconds
 
     step_c = compiled_step()
     if with_step:
@@ -272,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {csv_path} and {png_path}")
     shown = [{**r, "ms": r["ms"] if r["ms"] is not None else r["note"][:60]} for r in rows]
     columns = ["workload", "S", "H", "W", "method", "ms", "GB/s", "% memcpy", "x eager sigmoid"]
+    if torch.device(device).type == "cuda":
+        columns.append("host us")
     harness.print_table(shown, columns, title=f"LSE merge on {env['device']} (B=1, D=128, bf16 parts, fp32 acc)")
     return 0
 

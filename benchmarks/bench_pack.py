@@ -19,9 +19,12 @@ non-temporal stores, so they can exceed it); ``stream copy GB/s`` is our native 
 same bytes as one contiguous run (unpack_qkv of a single shard): the floor of our ops.
 ``eager_passes``: full-size copies the eager chain makes, counted while it runs (measured_passes);
 ``target``: the speedup the targets in docs/performance.md asks of that row (0.95x at one pass, 2x from two), and
-``target_met`` whether the best of ours reached it. ``step`` rows (S not divisible by P, fp32): the
-whole Ulysses step of one rank, ours (exact S, maskless SDPA) vs peers (padded sequence, SDPA with a
-boolean mask over padded keys).
+``target_met`` whether the best of ours reached it. On a GPU the times are device time (see
+_harness: the host side of each call is hidden behind queued work) and ``*_host_us`` is each way's host
+time per call (Python, checks, launches) measured on its own. ``step`` rows (S not divisible by P;
+bf16 at the targets' shapes on a GPU, small fp32 ones on CPU): the whole Ulysses step of one rank, ours
+(exact S, the library's block kernel choice) vs peers (padded sequence, SDPA with a boolean mask
+over padded keys), with the attention kernel each way runs.
 
     python benchmarks/bench_pack.py            # default sweep (a few minutes on 2 CPU cores)
     python benchmarks/bench_pack.py --full     # every shape of the spec grid (long on CPU)
@@ -43,12 +46,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _harness as H  # noqa: E402
+from sp_kernels.attn.local import block_attention, select_block_kernel  # noqa: E402
 from sp_kernels.ops import _dispatch  # noqa: E402
 from sp_kernels.ops import pack as pk  # noqa: E402
 
@@ -245,6 +250,9 @@ def bench_case(B, S, Hh, D, P, device, dtype, impls, compiled, warmup, repeats, 
             except Exception as exc:  # report, never hide: the table says why the column is empty
                 row["compile_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
         t = H.time_interleaved(fns, device, warmup, repeats, STAT, flush=flush)
+        if device.type == "cuda":
+            for name in ["eager", *impls]:
+                row[f"{name}_host_us"] = H.host_seconds(fns[name], device) * 1e6
         row["copy_GBps"] = H.gbps(moved, t["copy"])
         row["stream_copy_GBps"] = H.gbps(moved, t["stream_copy"]) if "stream_copy" in t else float("nan")
         row["eager_ms"] = t["eager"] * 1e3
@@ -274,36 +282,48 @@ def bench_case(B, S, Hh, D, P, device, dtype, impls, compiled, warmup, repeats, 
     return rows
 
 
-def bench_step(B, S, Hh, D, P, device, warmup, repeats) -> dict:
-    """One rank's Ulysses step with S % P != 0, exchange emulated locally: ours vs peers (fp32)."""
+def bench_step(B, S, Hh, D, P, device, warmup, repeats, dtype=torch.float32) -> dict:
+    """One rank's Ulysses step with S % P != 0, exchange emulated locally: ours vs the peers' way.
+
+    Ours: exact S (padding rows never reach attention), the library's own block kernel choice
+    (``attn.local.block_attention``, as the Ulysses backend calls it). Peers: the padded sequence and
+    SDPA with a boolean mask over the padded keys. The row names the kernel each way runs.
+    """
     L = -(-S // P)
     h = Hh // P
     g = torch.Generator(device="cpu").manual_seed(1)
-    mk = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    mk = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)
     q, k, v = mk(B, L, Hh, D), mk(B, L, Hh, D), mk(B, L, Hh, D)
     kv_index = list(range(Hh))
 
-    def ours():
+    def our_qkv():
         send = pk.pack_qkv(q, k, v, P, kv_index)  # exchange emulated: recv = send
         qkv = pk.unpack_qkv(send, S) if B > 1 else send.view(1, P * L, 3 * h, D)[:, :S]
-        qq, kk, vv = (qkv[:, :, i * h : (i + 1) * h].transpose(1, 2) for i in range(3))
-        o = F.scaled_dot_product_attention(qq, kk, vv).transpose(1, 2)
+        return tuple(qkv[:, :, i * h : (i + 1) * h] for i in range(3))
+
+    def ours():
+        o, _ = block_attention(*our_qkv())
         return pk.unpack_out(pk.pack_out(o, None, P, L), Hh)
 
     mask = torch.zeros(P * L, dtype=torch.bool, device=device)
     mask[:S] = True
     mask = mask.view(1, 1, 1, P * L)  # padded keys masked out for every query
 
-    def peers():
+    def peer_qkv():
         recvs = eager_pack_qkv(q, k, v, P)
-        qq, kk, vv = (r.permute(2, 0, 1, 3, 4).reshape(B, P * L, h, D).transpose(1, 2) for r in recvs)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask).transpose(1, 2)
+        return tuple(r.permute(2, 0, 1, 3, 4).reshape(B, P * L, h, D).transpose(1, 2) for r in recvs)
+
+    def peers():
+        o = F.scaled_dot_product_attention(*peer_qkv(), attn_mask=mask).transpose(1, 2)
         return eager_unpack_out(eager_pack_out(o.contiguous(), P, L), Hh)
 
+    ours_kernel = select_block_kernel(*our_qkv()).name
+    peers_kernel = SDPBackend(torch._fused_sdp_choice(*peer_qkv(), mask)).name.lower()
     t = H.time_interleaved({"ours": ours, "peers": peers}, device, warmup, repeats, STAT)
     t_ours, t_peers = t["ours"], t["peers"]
-    return {"op": "step", "B": B, "S": S, "H": Hh, "D": D, "P": P, "ours_ms": t_ours * 1e3, "peers_ms": t_peers * 1e3,
-            "speedup_vs_peers": t_peers / t_ours}  # fmt: skip
+    return {"op": "step", "B": B, "S": S, "H": Hh, "D": D, "P": P, "dtype": str(dtype).removeprefix("torch."),
+            "ours_kernel": ours_kernel, "peers_kernel": peers_kernel, "ours_ms": t_ours * 1e3,
+            "peers_ms": t_peers * 1e3, "speedup_vs_peers": t_peers / t_ours}  # fmt: skip
 
 
 def make_compiled() -> dict:
@@ -360,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         steps = [(1, 4097, 24, D, 8), (2, 4097, 24, D, 8)]
         warmup, repeats = 1, 9
+    if device.type == "cuda" and not args.quick:
+        # The shapes the targets name (S 32k-76k, H 24-40, P 4-8, S % P != 0), in the models' dtype.
+        steps = [(1, 32761, 24, D, 8), (1, 75601, 40, D, 8), (1, 32761, 40, D, 4), (2, 32761, 24, D, 8)]
+    step_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     impls = our_impls(device)
     compiled = None if (args.quick or args.no_compile) else make_compiled()
     env = H.environment()
@@ -370,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     for B, S, Hh, Dd, P in cases:
         rows += bench_case(B, S, Hh, Dd, P, device, dtype, impls, compiled, warmup, repeats, flush)
         print(f"  done B={B} S={S} H={Hh} P={P}", flush=True)
-    step_rows = [bench_step(*c, device, warmup, max(3, repeats // 2)) for c in steps]
+    step_rows = [bench_step(*c, device, warmup, max(3, repeats // 2), step_dtype) for c in steps]
     csv_path = H.write_csv(rows + step_rows, args.name)
     for r in rows:
         r["case"] = f"{r['op']} B{r['B']} S{r['S']} H{r['H']} P{r['P']}"
@@ -379,10 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["op", "path", "B", "S", "H", "P", "eager_passes", "MB_moved", "copy_GBps", "stream_copy_GBps", "eager_ms"]
     cols += [f"{i}_ms" for i in impls] + (["compiled_ms"] if compiled else []) + [f"{impls[0]}_GBps", "pct_of_copy"]
     cols += [f"{i}_vs_eager" for i in impls] + ["speedup_vs_eager", "target", "target_met"]
+    if device.type == "cuda":
+        cols += ["eager_host_us"] + [f"{i}_host_us" for i in impls]
     print(f"\nCSV: {csv_path}" + (f"  PNG: {png}" if png else ""))
     if any("compile_error" in r for r in rows):
         print("torch.compile errors:", {r["compile_error"] for r in rows if "compile_error" in r})
-    H.print_table(step_rows, ["op", "B", "S", "H", "P", "ours_ms", "peers_ms", "speedup_vs_peers"], "\nUlysses step")
+    H.print_table(step_rows, ["op", "dtype", "B", "S", "H", "P", "ours_kernel", "peers_kernel", "ours_ms", "peers_ms",
+                              "speedup_vs_peers"], "\nUlysses step")  # fmt: skip
     H.print_table(rows, cols, "\npack/unpack (bf16, D=128)")
     bad = [r for r in rows if r["path"] == "op" and not math.isfinite(r["speedup_vs_eager"])]
     return 1 if bad else 0

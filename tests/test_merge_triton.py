@@ -262,3 +262,40 @@ def test_gpu_in_place_pair_merge_many_rows(monkeypatch, D, blk_dtype, num_warps)
         torch.cuda.synchronize()
         torch.testing.assert_close(acc_lse.double().cpu(), want_lse, atol=2e-5, rtol=1e-6)
         torch.testing.assert_close(acc.double().cpu(), want_out, atol=3e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the in-process interpreter leaves triton.language as it found it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_interpreter_leaves_triton_language_unpatched(monkeypatch, tmp_path):
+    # The interpreter swaps triton.language's builtins for its own while a kernel runs. A device call
+    # into triton's own library (tl.max's combine function) used to leave tl.core's swapped for good,
+    # and every later compile in the process that missed Triton's cache then failed -- an AOT test's
+    # result depended on the order tests ran in and on the cache directory.
+    from sp_kernels.ops import merge as merge_mod
+    from sp_kernels.ops import pack as pk
+    from sp_kernels.ops.triton import merge as tm
+    from tests.triton_interp import _language_snapshot, language_changes, use_interpreter
+
+    snapshot = _language_snapshot()
+    g = torch.Generator().manual_seed(3)
+    outs = [torch.randn(1, 5, 2, 72, generator=g) for _ in range(3)]
+    lses = [torch.randn(1, 2, 5, generator=g) for _ in range(3)]
+    q = torch.randn(1, 6, 4, 64, generator=g)
+    with monkeypatch.context() as m:
+        use_interpreter(m, "merge")
+        use_interpreter(m, "pack")
+        merged, _ = merge_mod.lse_merge_all(outs, lses, torch.float32)
+        acc, acc_lse = outs[0].clone(), lses[0].clone()
+        merge_mod.lse_merge_(acc, acc_lse, outs[1], lses[1])
+        pk.pack_qkv(q, q, q, 2, [0, 1, 2, 3])
+    assert torch.isfinite(merged).all()
+    assert language_changes(snapshot) == []
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a real compile, not a cache hit
+    block_d, block_r = tm._meta(128)
+    fn = tm.merge_pair_kernel
+    ptx = _compile(fn, _pair_signature(fn, "bf16", "fp32"), {"D": 128, "BLOCK_D": block_d, "BLOCK_R": block_r}, 90)
+    assert "st.global" in ptx
+    assert any(tmp_path.iterdir()), "the compile did not go through the fresh cache directory"

@@ -9,7 +9,11 @@ spells dtypes and shapes the C++ way once normalised (``torch.float16`` = ``Half
 from __future__ import annotations
 
 import importlib
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,7 +94,10 @@ _OPS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name,make", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+CASE_IDS = [f"{n}-{i}" for i, (n, _) in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("name,make", CASES, ids=CASE_IDS)
 def test_python_and_native_checks_agree(name, make):
     op = _OPS[name]
     args = make()
@@ -100,3 +107,79 @@ def test_python_and_native_checks_agree(name, make):
         op.check(*args)
     cpp, py = normalise(str(native.value)), normalise(str(python.value))
     assert py.startswith(cpp), f"\n native: {cpp}\n python: {py}"
+
+
+# ---- every device: a bad call raises, it never takes the process down ------------------------------
+#
+# A native op that crashes on a bad argument (issue 13 saw a segfault on a CUDA tensor) would kill the
+# pytest process and hide every later result, so each device's calls run in a child process that
+# announces each case before making it: a crash is a failure naming the case, with the child's
+# faulthandler stack. On every device the native error must be the CPU one, word for word.
+
+
+def _on(value, device: str):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)  # keeps the strides of the non-contiguous cases
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+        return type(value)(v.to(device) for v in value)
+    return value
+
+
+def _mixed_device_cases(device: str) -> list[tuple[str, object]]:
+    """Calls whose tensors sit on two devices (only meaningful when ``device`` is not the CPU)."""
+    return [
+        ("pack_qkv", lambda: (_t((1, 2, 2, 64)).to(device), _t((1, 2, 2, 64)), _t((1, 2, 2, 64)).to(device), 2, [0, 1])),
+        ("unpack_qkv", lambda: (_t((2, 1, 3, 4, 64)).to(device), 3, _t((1, 2, 2, 64)), _t((1, 2, 1, 64)),
+                                _t((1, 2, 1, 64)), True)),
+        ("pack_out", lambda: (_t((1, 5, 2, 64)).to(device), _t((1, 2, 2, 64)), 2, 3, True)),
+        ("lse_merge_", lambda: (_t((1, 4, 2, 8)).to(device), _t((1, 2, 4)).to(device), _t((1, 4, 2, 8)), _t((1, 2, 4)))),
+        ("lse_merge_all", lambda: ([_t((1, 4, 2, 8)).to(device), _t((1, 4, 2, 8))], [_t((1, 2, 4)).to(device)] * 2,
+                                   torch.float32)),
+    ]  # fmt: skip
+
+
+def child_main(device: str) -> None:
+    """Run in the child: every case on ``device``; one JSON line per case (``start`` before the call)."""
+    cases = [(f"{n}-{i}", n, lambda make=make: tuple(_on(a, device) for a in make())) for i, (n, make) in enumerate(CASES)]
+    if device != "cpu":
+        cases += [(f"mixed-{n}-{i}", n, make) for i, (n, make) in enumerate(_mixed_device_cases(device))]
+    for case_id, name, make in cases:
+        print(json.dumps({"start": case_id}), flush=True)
+        args = make()
+        try:
+            _OPS[name].native(*args)
+        except RuntimeError as exc:
+            message = normalise(str(exc))
+        else:
+            message = None
+        if device != "cpu":
+            torch.cuda.synchronize()  # an asynchronous fault shows here, inside its case
+        print(json.dumps({"done": case_id, "message": message}), flush=True)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
+def test_native_bad_calls_raise_on_every_device(device):
+    root = Path(__file__).resolve().parent.parent
+    code = f"from tests.test_op_messages import child_main; child_main({device!r})"
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], cwd=root, capture_output=True,
+                          text=True, timeout=240)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    started = [line["start"] for line in lines if "start" in line]
+    done = {line["done"]: line["message"] for line in lines if "done" in line}
+    crashed = [case for case in started if case not in done]
+    assert proc.returncode == 0 and not crashed, (
+        f"the child on {device} exited with {proc.returncode} during case {crashed[:1]} "
+        f"(cases done: {len(done)} of {len(started)})\n{proc.stderr[-3000:]}"
+    )
+    assert len(done) >= len(CASES)
+    for case_id, (name, make) in zip(CASE_IDS, CASES):
+        assert done[case_id] is not None, f"{case_id} on {device}: the native op accepted a bad call"
+        with pytest.raises(RuntimeError) as on_cpu:
+            _OPS[name].native(*make())
+        assert done[case_id] == normalise(str(on_cpu.value)), f"{case_id}: {device} and cpu errors differ"
+    for case_id, message in done.items():
+        if case_id.startswith("mixed-"):
+            assert message is not None and " is on " in message, f"{case_id}: {message}"

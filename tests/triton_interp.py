@@ -69,4 +69,63 @@ def _interpreted_function(fn):
 
 
 def _device_call(self, *args, **kwargs):
-    return _interpreted_function(self.fn)(*args, **kwargs)
+    # InterpretedFunction.__call__ would do this, but it patches triton.language for the callee and never
+    # undoes it: a callee from triton's own library (tl.max's combine function, whose module sees
+    # ``triton.language.core``) leaves tl.core's builtins interpreted for the rest of the process, and
+    # a later ahead-of-time compile then fails ("'block_argument' object has no attribute 'dtype'").
+    # Same steps, with the patches undone when the call returns.
+    from triton.runtime import interpreter
+
+    function = _interpreted_function(self.fn)
+    # Older tritons return no scope to undo with: then a snapshot of what the interpreter patches.
+    snapshot = None if hasattr(interpreter, "_LangPatchScope") else _language_snapshot()
+    scope = interpreter._patch_lang(function.fn)
+    try:
+        return function.rewrite()(*args, **kwargs)
+    except Exception as exc:
+        raise interpreter.InterpreterError(repr(exc)) from exc
+    finally:
+        if snapshot is None:
+            scope.restore()
+        else:
+            _restore_language(snapshot)
+
+
+def _language_objects() -> list:
+    """What the interpreter patches: the language modules and the tensor classes."""
+    import triton.language as tl
+
+    return [tl, tl.core, tl.math, tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", tl.core.tensor)]
+
+
+def _language_snapshot() -> list[tuple[object, dict]]:
+    return [(obj, dict(vars(obj))) for obj in _language_objects()]
+
+
+def _restore_language(snapshot: list[tuple[object, dict]]) -> None:
+    for obj, saved in snapshot:
+        for name in [n for n in vars(obj) if n not in saved]:
+            delattr(obj, name)
+        for name, value in saved.items():
+            if vars(obj).get(name, _MISSING) is not value:
+                setattr(obj, name, value)
+
+
+_MISSING = object()
+
+
+def language_changes(snapshot: list[tuple[object, dict]]) -> list[str]:
+    """What the interpreter left patched in triton.language since ``snapshot`` (tests: nothing may).
+
+    A name replaced since, or added by the interpreter (its lambdas and properties); restoring an
+    inherited attribute into the class (``__repr__``) or a lazily filled one is no change."""
+    changed = []
+    for obj, saved in snapshot:
+        for name, value in vars(obj).items():
+            if name in saved:
+                moved = saved[name] is not value
+            else:
+                moved = getattr(getattr(value, "fget", value), "__module__", "") == "triton.runtime.interpreter"
+            if moved:
+                changed.append(f"{getattr(obj, '__name__', obj)}.{name}")
+    return sorted(changed)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 IMPL_ENV = "SP_KERNELS_IMPL"
 IMPL_NAMES = ("native", "triton", "torch")
+INTERPRET_ENV = "TRITON_INTERPRET"  # Triton's own switch: its interpreter runs kernels on CPU tensors
 
 
 def requested_impl() -> str | None:
@@ -51,7 +52,7 @@ def triton_unavailable_reason(device_type: str) -> str | None:
     the import check, which is slow and cannot change within a process, runs at most once: on CPU
     without the interpreter triton is never imported at all.
     """
-    if not (device_type == "cuda" or (device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")):
+    if not (device_type == "cuda" or (device_type == "cpu" and os.environ.get(INTERPRET_ENV, "0") == "1")):
         return f"triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not on {device_type!r}"
     return _triton_import_error()
 
